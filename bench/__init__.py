@@ -1,0 +1,1 @@
+"""The harness: measurement, result records, W&B logging, report and pick."""

@@ -1,0 +1,121 @@
+"""Structured configs: the schema every composed config is validated against before a job runs.
+
+A wrong group choice, option name or value type stops Hydra at composition with a message
+that names the valid choices; nothing is measured. Each attention backend's schema is derived
+from its constructor (``efficient.attention.options_schema``) and stored under
+``schema/attention/<name>``, which ``conf/attention/<name>.yaml`` extends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from efficient.attention import backend_names, get_backend, options_schema
+from efficient.models import ModelSize
+
+
+class Device(Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(Enum):
+    float64 = "float64"
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class Scope(Enum):
+    attention = "attention"  # one attention layer: projections + attention core
+    model = "model"  # the whole stack: embeddings, every block, the head
+
+
+class Norm(Enum):
+    pre = "pre"
+    post = "post"
+
+
+class Positional(Enum):
+    sinusoidal = "sinusoidal"
+    learned = "learned"
+    none = "none"
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 512
+    n_heads: int = 8
+    n_layers: int = 2
+    d_ff: int = 2048
+    dropout: float = 0.1
+    norm: Norm = Norm.pre
+    positional: Positional = Positional.sinusoidal
+
+    def size(self) -> ModelSize:
+        return ModelSize(
+            self.d_model, self.n_heads, self.n_layers, self.d_ff, self.dropout,
+            self.norm.value, self.positional.value,
+        )
+
+
+@dataclass
+class SpeedBenchConfig:
+    name: str = "speed"
+    scope: Scope = Scope.attention
+    warmup: int = 2  # untimed runs before timing (also compiles / autotunes)
+    repeats: int = 10  # timed runs; the record keeps the median and the 20th/80th percentiles
+    backward: bool = True  # also time and measure forward+backward
+    check_error: bool = True  # max_abs_err against the exact reference (fp64 CPU / fp32 GPU)
+    memory_budget_gib: Optional[float] = None  # None: half the free RAM (CPU), 90% of free GPU memory
+    threads: Optional[int] = None  # CPU threads (torch.set_num_threads); None: every core
+    pad_fraction: float = 0.0  # fraction of each sequence that is padding (key_padding_mask)
+
+
+@dataclass
+class TaskConfig:
+    name: str = "synthetic"  # random inputs for speed and memory
+    vocab_size: int = 256  # token ids drawn for the `model` scope
+    n_classes: int = 10
+
+
+@dataclass
+class WandbConfig:
+    project: str = "efficient-attention"
+    entity: Optional[str] = None
+    mode: Optional[str] = None  # online | offline | disabled; None: $WANDB_MODE, else offline
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    attention: Any = MISSING
+    bench: Any = MISSING
+    task: Any = MISSING
+    model: ModelConfig = MISSING
+    seq_len: int = 1024
+    batch_size: int = 1
+    dtype: DType = DType.float32
+    device: Device = Device.auto
+    causal: bool = False
+    seed: int = 0
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="schema/bench", name="speed", node=SpeedBenchConfig)
+    cs.store(group="schema/task", name="synthetic", node=TaskConfig)
+    cs.store(group="schema/model", name="model", node=ModelConfig)
+    for name in backend_names():
+        cs.store(group="schema/attention", name=name, node=options_schema(get_backend(name)))
+
+
+register_configs()

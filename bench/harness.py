@@ -1,0 +1,89 @@
+"""One job = one measurement = one record. No failure escapes as an exception.
+
+A cell a backend cannot run is ``unsupported`` (checked from its capabilities before anything
+is built); a cell predicted over the memory budget, or that really runs out of memory, is
+``oom``; anything else that goes wrong is ``error`` with its traceback in the record.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+
+import torch
+from omegaconf import OmegaConf
+
+from efficient.attention import Cell, Unsupported, get_backend
+from bench import measure, records
+from bench.speed import PredictedOOM, attention_options, run_speed
+
+BENCHES = {"speed": run_speed}
+
+
+def describe_cell(cfg) -> dict:
+    """The record's fields that say which cell this is (known before anything runs)."""
+    return {
+        "attention": cfg.attention.name,
+        "attention_options": attention_options(cfg),
+        "bench": cfg.bench.name,
+        "task": cfg.task.name,
+        "scope": cfg.bench.get("scope", None) and cfg.bench.scope.value,
+        "seq_len": cfg.seq_len,
+        "batch_size": cfg.batch_size,
+        "n_heads": cfg.model.n_heads,
+        "head_dim": cfg.model.d_model // cfg.model.n_heads,
+        "d_model": cfg.model.d_model,
+        "n_layers": cfg.model.n_layers,
+        "causal": cfg.causal,
+        "dtype": cfg.dtype.value,
+        "device": cfg.device.value,
+        "seed": cfg.seed,
+    }
+
+
+def run_job(cfg) -> dict:
+    """Measure the cell ``cfg`` names and return its record (status set, never raises)."""
+    started = time.perf_counter()
+    record = records.empty_record()
+    record.update(describe_cell(cfg))
+    record.update(
+        config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        versions=records.versions(),
+        git_sha=records.git_sha(),
+    )
+    try:
+        device = measure.resolve_device(cfg.device.value)
+        record.update(device=device, device_name=measure.device_name(device))
+        if device == "cpu":
+            torch.set_num_threads(cfg.bench.get("threads") or os.cpu_count() or 1)
+        record["threads"] = torch.get_num_threads()
+        check_supported(cfg, device)
+        torch.manual_seed(cfg.seed)
+        record.update(BENCHES[cfg.bench.name](cfg, device))
+        record["status"] = "ok"
+    except Unsupported as e:
+        record.update(status="unsupported", reason=str(e))
+    except PredictedOOM as e:
+        record.update(status="oom", reason=str(e))
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        record.update(status="oom", reason=f"out of memory while running: {str(e).splitlines()[0]}")
+    except Exception as e:  # recorded, so that a sweep goes on past a failing cell
+        record.update(status="error", reason=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    record["wall_s"] = time.perf_counter() - started
+    return record
+
+
+def check_supported(cfg, device: str) -> None:
+    backend = get_backend(cfg.attention.name)
+    cell = Cell(
+        device=device, dtype=cfg.dtype.value, causal=cfg.causal,
+        key_padding_mask=cfg.bench.get("pad_fraction", 0) > 0,
+        head_dim=cfg.model.d_model // cfg.model.n_heads,
+    )
+    reason = backend.unsupported_reason(cell, **attention_options(cfg))
+    if reason:
+        raise Unsupported(reason)

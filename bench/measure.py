@@ -1,0 +1,153 @@
+"""How the suite measures: device resolution, latency, peak memory, and the memory budget.
+
+GPU latency: CUDA events around each repeat, the L2 cache flushed between repeats.
+CPU latency: wall clock (perf_counter) with a fixed, recorded thread count.
+Both: warm-up runs first, then the median and 20th/80th percentiles of the repeats.
+Peak memory: the allocator's own view, above what was allocated before the step: CUDA's
+peak statistics on GPU; on CPU the PyTorch profiler's allocator events (every tensor
+allocation and free, summed in order), which tracemalloc cannot see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from efficient.attention import Unsupported
+
+MIB = 2**20
+GIB = 2**30
+
+# Dense bf16/fp16 tensor-core peaks, TFLOP/s (vendor figures), for MFU.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0}
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise Unsupported("device=cuda was requested but CUDA is not available on this machine")
+    return requested
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def peak_tflops(name: str, dtype: torch.dtype) -> float | None:
+    """The device's dense half-precision peak, when known and the run is half precision."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    for key, value in PEAK_TFLOPS.items():  # "H100 PCIe" is checked before plain "H100"
+        if key in name:
+            return value
+    return None
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> dict[str, float]:
+    """Median and 20th/80th percentiles of ``fn``'s latency in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    if device == "cuda":
+        flush = torch.empty(256 * MIB, dtype=torch.int8, device="cuda")  # larger than H100's L2
+        for _ in range(repeats):
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return summarize(samples)
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+    if len(samples) == 1:
+        return {"median": samples[0], "p20": samples[0], "p80": samples[0]}
+    q = statistics.quantiles(samples, n=10, method="inclusive")  # deciles
+    return {"median": statistics.median(samples), "p20": q[1], "p80": q[7]}
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: str) -> int:
+    """Peak bytes allocated while ``fn`` runs, above what was allocated before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - baseline
+    with native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for event in events:
+        if event.device_type() == torch.autograd.DeviceType.CPU:
+            current += event.nbytes()
+            peak = max(peak, current)
+    return peak
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Send file descriptor 2 to /dev/null: the profiler prints start/stop lines from C++."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def memory_budget_bytes(device: str, budget_gib: float | None) -> float:
+    """What a cell may use: the configured budget, else half the free RAM / 90% of free GPU memory."""
+    if budget_gib is not None:
+        return budget_gib * GIB
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return 0.9 * free
+    return 0.5 * available_ram_bytes()
+
+
+def available_ram_bytes() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    import psutil  # not Linux: fall back to psutil
+
+    return float(psutil.virtual_memory().available)

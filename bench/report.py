@@ -1,0 +1,128 @@
+"""Comparison tables over a folder of result records.
+
+    python -m bench.report PATH [--markdown FILE] [--csv FILE]
+
+Reads every ``result.json`` under PATH and prints, per measured quantity, a table of
+backend x seq_len; a cell that did not run shows its status (oom, unsupported, error), and
+the reasons are listed below the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+from bench.records import FIELDS, load_records
+
+# (record field, table title, format)
+QUANTITIES: list[tuple[str, str, Callable[[float], str]]] = [
+    ("fwd_ms", "Forward latency, ms (median)", lambda v: f"{v:.3g}"),
+    ("fwd_bwd_ms", "Forward+backward latency, ms (median)", lambda v: f"{v:.3g}"),
+    ("peak_mem_mib", "Peak memory above inputs, MiB (forward+backward)", lambda v: f"{v:.4g}"),
+    ("fwd_peak_mem_mib", "Peak memory above inputs, MiB (forward, no grad)", lambda v: f"{v:.4g}"),
+    ("tflops", "Achieved forward TFLOP/s", lambda v: f"{v:.3g}"),
+    ("max_abs_err", "Max abs error against the exact reference", lambda v: f"{v:.1e}"),
+    ("value", "Accuracy metric value", lambda v: f"{v:.4g}"),
+]
+# Fields that tell cells apart beside the backend and the length.
+SETTINGS = ("dtype", "device", "causal", "scope", "batch_size", "d_model", "n_heads", "bench", "task")
+
+
+def load(path: Path | str) -> list[dict[str, Any]]:
+    return load_records(path)
+
+
+def label(record: dict[str, Any], varying: tuple[str, ...] = ()) -> str:
+    """'sdpa[kernel=flash]' plus any setting that varies across the records shown."""
+    options = record.get("attention_options") or {}
+    text = record["attention"]
+    if options:
+        text += "[" + ",".join(f"{k}={v}" for k, v in options.items()) + "]"
+    extra = [f"{k}={record.get(k)}" for k in varying]
+    return f"{text} ({', '.join(extra)})" if extra else text
+
+
+def varying_settings(rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    return tuple(k for k in SETTINGS if len({str(r.get(k)) for r in rows}) > 1)
+
+
+def pivot(rows, field, fmt, varying) -> tuple[list[int], dict[str, dict[int, str]]]:
+    """label -> seq_len -> cell text (the value, or the status when not ok)."""
+    lengths = sorted({r["seq_len"] for r in rows})
+    table: dict[str, dict[int, str]] = defaultdict(dict)
+    for r in sorted(rows, key=lambda r: (label(r, varying), r["seq_len"])):
+        value = r.get(field)
+        if r["status"] != "ok":
+            text = r["status"]
+        elif value is None:
+            text = "-"
+        else:
+            text = fmt(value)
+        table[label(r, varying)][r["seq_len"]] = text
+    return lengths, table
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    varying = varying_settings(rows)
+    fixed = [f"{k}={rows[0].get(k)}" for k in SETTINGS if k not in varying]
+    devices = sorted({str(r.get("device_name")) for r in rows if r.get("device_name")})
+    out = [f"Settings: {', '.join(fixed)}" + (f"; measured on {'; '.join(devices)}" if devices else ""), ""]
+    for field, title, fmt in QUANTITIES:
+        if not any(r.get(field) is not None for r in rows):
+            continue
+        lengths, table = pivot(rows, field, fmt, varying)
+        out += [f"**{title}**", ""]
+        out.append("| backend | " + " | ".join(f"n={n}" for n in lengths) + " |")
+        out.append("|---|" + "---:|" * len(lengths))
+        for name, cells in table.items():
+            out.append(f"| {name} | " + " | ".join(cells.get(n, "") for n in lengths) + " |")
+        out.append("")
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        out += ["**Cells that did not run**", ""]
+        seen = set()
+        for r in sorted(failed, key=lambda r: (label(r, varying), r["seq_len"])):
+            line = f"- {label(r, varying)}, n={r['seq_len']}: {r['status']}: {r.get('reason')}"
+            if line not in seen:
+                seen.add(line)
+                out.append(line)
+        out.append("")
+    return "\n".join(out)
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path | str) -> None:
+    columns = [k for k in FIELDS if k not in ("config", "versions", "traceback")]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: r.get(k) for k in columns})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", type=Path, help="a folder of result.json files (searched recursively)")
+    parser.add_argument("--markdown", type=Path, help="also write the tables as Markdown here")
+    parser.add_argument("--csv", type=Path, help="also write one row per record as CSV here")
+    args = parser.parse_args(argv)
+    if not args.path.exists():
+        parser.error(f"{args.path} does not exist")
+    rows = load(args.path)
+    if not rows:
+        print(f"no result.json under {args.path}", file=sys.stderr)
+        return 1
+    text = markdown(rows)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text)
+    if args.csv:
+        write_csv(rows, args.csv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""W&B logging: one run per job, grouped by sweep, offline unless the user says otherwise.
+
+Mode: ``wandb.mode`` in the config, else ``$WANDB_MODE``, else ``offline`` (the run is written
+under the job's output folder; ``wandb sync`` uploads it later). ``disabled`` logs nothing.
+The run is always finished, with a non-zero exit code when the job raised. A W&B failure
+never loses a measurement: the result file is written first and W&B problems are warnings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+SUMMARY_SKIP = {"config", "versions", "traceback", "attention_options"}
+
+
+def wandb_mode(cfg) -> str:
+    return cfg.wandb.mode or os.environ.get("WANDB_MODE") or "offline"
+
+
+def run_name(record: dict[str, Any]) -> str:
+    options = "-".join(f"{v}" for v in (record.get("attention_options") or {}).values())
+    parts = [record["attention"], options, f"n{record['seq_len']}", record["dtype"], record["device"]]
+    return "-".join(p for p in parts if p)
+
+
+class Tracker:
+    """Logs to a W&B run, or does nothing when W&B is disabled or failed to start."""
+
+    def __init__(self, run=None):
+        self.run = run
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def summarize(self, record: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        summary = {
+            k: v for k, v in record.items()
+            if k not in SUMMARY_SKIP and not k.startswith("_") and v is not None
+            and not (isinstance(v, float) and not math.isfinite(v))
+        }
+        self.run.summary.update(summary)
+
+
+@contextlib.contextmanager
+def wandb_run(cfg, record: dict[str, Any], output_dir: Path, group: str | None) -> Iterator[Tracker]:
+    """Start the job's W&B run (config = the resolved config), yield a Tracker, always finish."""
+    mode = wandb_mode(cfg)
+    if mode == "disabled":
+        yield Tracker()
+        return
+    try:
+        import wandb
+
+        run = wandb.init(
+            project=cfg.wandb.project, entity=cfg.wandb.entity, mode=mode, dir=str(output_dir),
+            group=group, name=run_name(record), job_type=record["bench"],
+            tags=[record["attention"], record["bench"], record["task"], record["device"],
+                  record["dtype"], *cfg.wandb.tags],
+            config={**record["config"], "cell": {k: record[k] for k in ("attention", "seq_len", "dtype", "device")}},
+            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
+            reinit="finish_previous",
+        )
+    except Exception as e:  # no account, no network, ... : keep measuring, say why
+        warnings.warn(f"W&B run not started ({type(e).__name__}: {e}); results are still written")
+        yield Tracker()
+        return
+    exit_code = 1
+    try:
+        yield Tracker(run)
+        exit_code = 0
+    finally:
+        run.finish(exit_code=exit_code)

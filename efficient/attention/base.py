@@ -1,0 +1,245 @@
+"""The common attention interface, capabilities as data, and the backend registry.
+
+Every backend is an ``nn.Module`` built as ``Backend(d_model, n_heads, dropout, **options)``
+and called as ``y, state = attn(x, context=None, key_padding_mask=None, causal=False, state=None)``:
+
+    x                 [batch, q_len, d_model]
+    context           [batch, k_len, d_model] or None (self-attention: keys come from x)
+    key_padding_mask  [batch, k_len] bool, True = real token, or None
+    causal            bool; with q_len != k_len the mask is aligned bottom-right: query i sees
+                      key j iff j <= i + (k_len - q_len), so the last query sees every key
+                      (the convention of a KV cache and of Transformer-XL's memory)
+    state             a backend's recurrent state (Transformer-XL memory) or None
+    y                 [batch, q_len, d_model]; a query that sees no key at all outputs zeros
+
+A backend's options are the keyword-only arguments of its ``__init__``; their annotations are
+the schema Hydra validates ``conf/attention/<name>.yaml`` against. Adding a backend is one
+module in this package (decorated with ``@register``) plus that yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import inspect
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from efficient.attention.functional import exact_attention
+
+DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+class Unsupported(Exception):
+    """Raised when a backend cannot run a cell; the sentence is recorded as the reason."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    causal: bool = True
+    key_padding_mask: bool = True
+    cross_attention: bool = True
+    stateful: bool = False
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    dtypes: tuple[str, ...] = DTYPES
+    needs_max_len: bool = False  # the construction needs the longest sequence it will see
+    exact: bool = True  # equals softmax attention up to floating-point rounding
+
+
+@dataclass(frozen=True)
+class Cell:
+    """What a caller intends to run: enough to decide support before building anything."""
+
+    device: str  # "cpu" | "cuda"
+    dtype: str  # one of DTYPES
+    causal: bool = False
+    cross_attention: bool = False
+    key_padding_mask: bool = False
+    head_dim: int = 64
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes that FLOP counts and memory models need."""
+
+    batch: int
+    n_heads: int
+    head_dim: int
+    q_len: int
+    k_len: int
+    causal: bool = False
+    bytes_per_element: int = 4
+
+    @property
+    def d_model(self) -> int:
+        return self.n_heads * self.head_dim
+
+
+class Attention(nn.Module):
+    """Base of every backend: capabilities, support checks, FLOP and memory models."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.dropout = dropout
+        # When True, forward computes the exact reference math with the same parameters
+        # (used by the harness, in float64 on CPU, to measure each backend's error).
+        self.reference_mode = False
+
+    # -- support -------------------------------------------------------------------------------
+    @classmethod
+    def unsupported_reason(cls, cell: Cell, **options: Any) -> str | None:
+        """A sentence saying why this backend cannot run ``cell``, or None if it can."""
+        caps = cls.capabilities
+        if cell.device not in caps.devices:
+            return f"{cls.name} does not run on {cell.device} (runs on: {', '.join(caps.devices)})"
+        if cell.dtype not in caps.dtypes:
+            return f"{cls.name} does not support {cell.dtype} (supports: {', '.join(caps.dtypes)})"
+        if cell.causal and not caps.causal:
+            return f"{cls.name} cannot be causal"
+        if cell.cross_attention and not caps.cross_attention:
+            return f"{cls.name} does not support cross-attention"
+        if cell.key_padding_mask and not caps.key_padding_mask:
+            return f"{cls.name} does not support a key padding mask"
+        return None
+
+    def check_call(self, x: torch.Tensor, context, key_padding_mask, causal: bool) -> None:
+        cell = Cell(
+            device=x.device.type,
+            dtype=str(x.dtype).removeprefix("torch."),
+            causal=causal,
+            cross_attention=context is not None,
+            key_padding_mask=key_padding_mask is not None,
+            head_dim=self.head_dim,
+        )
+        reason = self.unsupported_reason(cell, **self.options())
+        if reason:
+            raise Unsupported(reason)
+
+    def options(self) -> dict[str, Any]:
+        """This instance's options (the keyword-only constructor arguments)."""
+        return {name: getattr(self, name) for name in option_defaults(type(self))}
+
+    # -- cost models ---------------------------------------------------------------------------
+    @classmethod
+    def flops(cls, shape: Shape, **options: Any) -> float:
+        """Forward FLOPs of the attention core, FlashAttention's convention.
+
+        4 * B * H * Mq * Mk * D (two matmuls), halved when causal; softmax not counted.
+        Backward is 2.5x the forward, forward+backward 3.5x (see ``training_flops``).
+        """
+        f = 4.0 * shape.batch * shape.n_heads * shape.q_len * shape.k_len * shape.head_dim
+        return f / 2 if shape.causal else f
+
+    @classmethod
+    def memory_bytes(cls, shape: Shape, training: bool, **options: Any) -> float:
+        """Predicted peak bytes of the attention core above its inputs (for the memory guard).
+
+        Default: a fused kernel, linear in length: the output (+ its gradients when training).
+        """
+        tensor = shape.batch * shape.n_heads * max(shape.q_len, shape.k_len) * shape.head_dim
+        return tensor * shape.bytes_per_element * (6 if training else 2)
+
+
+def training_flops(forward_flops: float) -> float:
+    """Forward + backward FLOPs: backward is 2.5x the forward (FlashAttention's convention)."""
+    return 3.5 * forward_flops
+
+
+class ProjectedAttention(Attention):
+    """Backends that project x to per-head q, k, v, attend, then project back.
+
+    Subclasses implement ``attend``; the projections, masks and the reference path are shared,
+    so every exact backend is compared against the same math on the same parameters.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+        super().__init__(d_model, n_heads, dropout)
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x, context=None, key_padding_mask=None, causal=False, state=None):
+        self.check_call(x, context, key_padding_mask, causal)
+        source = x if context is None else context
+        q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.n_heads)
+        k, v = rearrange(self.kv_proj(source), "b m (two h d) -> two b h m d", two=2, h=self.n_heads)
+        if self.reference_mode:
+            o = exact_attention(q, k, v, key_padding_mask, causal, query_block=256)
+        else:
+            o = self.attend(q, k, v, key_padding_mask, causal)  # [b, h, n, d]
+        return self.out_proj(rearrange(o, "b h n d -> b n (h d)")), None
+
+    def attend(self, q, k, v, key_padding_mask, causal):  # pragma: no cover - abstract
+        """q [b, h, n, d], k and v [b, h, m, d] -> o [b, h, n, d]."""
+        raise NotImplementedError
+
+    @property
+    def dropout_p(self) -> float:
+        return self.dropout if self.training else 0.0
+
+
+# -- registry ----------------------------------------------------------------------------------
+_REGISTRY: dict[str, type[Attention]] = {}
+
+
+def register(cls: type[Attention]) -> type[Attention]:
+    """Class decorator: make a backend available by its ``name`` to configs, sweeps and tests."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"two attention backends are named {cls.name!r}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def backend_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_backend(name: str) -> type[Attention]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown attention backend {name!r}; valid backends: {', '.join(backend_names())}"
+        ) from None
+
+
+def build_attention(name: str, d_model: int, n_heads: int, dropout: float = 0.0, **options) -> Attention:
+    cls = get_backend(name)
+    valid = option_defaults(cls)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"{name} has no option(s) {', '.join(unknown)}; valid options: {', '.join(valid) or 'none'}"
+        )
+    return cls(d_model, n_heads, dropout, **options)
+
+
+def option_defaults(cls: type[Attention]) -> dict[str, Any]:
+    """The backend's options and defaults: the keyword-only arguments of its ``__init__``."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def options_schema(cls: type[Attention]) -> type:
+    """A dataclass of ``name`` plus the backend's typed options, for Hydra's structured configs."""
+    hints = inspect.get_annotations(cls.__init__, eval_str=True)
+    fields = [("name", str, dataclasses.field(default=cls.name))]
+    for option, default in option_defaults(cls).items():
+        field = dataclasses.field(default=default)
+        fields.append((option, hints.get(option, Any), field))
+    return dataclasses.make_dataclass(f"{cls.__name__}Options", fields)
+
+
+def as_value(option: Any) -> Any:
+    """Enum options arrive from configs as enums; backends store their plain values."""
+    return option.value if isinstance(option, enum.Enum) else option

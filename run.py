@@ -1,0 +1,71 @@
+"""Entry point: one Hydra job = one measurement = one result.json (+ one W&B run).
+
+    python run.py                                   # the default sweep for this machine
+    python run.py attention=full seq_len=2048       # one cell
+    python run.py -m attention=full seq_len=1024,2048,4096   # a sweep
+
+With no arguments it sweeps every backend that can run on the detected device over a ladder
+of lengths (CPU: a small layer up to 4K tokens, about two minutes on 2 cores; GPU: bf16,
+16 heads x 128, 1K to 16K), then prints the comparison table.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
+import bench.config  # noqa: F401  (registers the structured configs)
+from bench import records, tracking
+from bench.harness import describe_cell, run_job
+from efficient.attention import Cell, backend_names, get_backend
+
+CPU_LADDER = "256,512,1024,2048,4096"
+GPU_LADDER = "1024,2048,4096,8192,16384"
+
+
+def default_sweep() -> list[str]:
+    """The overrides of the main job: every backend this device can run, a ladder of lengths."""
+    if torch.cuda.is_available():
+        device, extra = "cuda", ["model=gpu_d128", "dtype=bfloat16", f"seq_len={GPU_LADDER}"]
+    else:
+        device, extra = "cpu", [f"seq_len={CPU_LADDER}", "bench.repeats=5"]
+    runnable = [n for n in backend_names() if get_backend(n).unsupported_reason(Cell(device, "float32")) is None]
+    return ["--multirun", f"attention={','.join(runnable)}", f"device={device}", *extra]
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg) -> None:
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
+    record = {**records.empty_record(), **describe_cell(cfg)}
+    record["config"] = {}
+    with tracking.wandb_run(cfg, record, output_dir, group) as tracker:
+        record = run_job(cfg)
+        records.write_atomic(output_dir / records.RESULT_FILE, record)
+        tracker.summarize(record)
+    print(summary_line(record))
+
+
+def summary_line(r: dict) -> str:
+    cell = f"{tracking.run_name(r)}:"
+    if r["status"] != "ok":
+        return f"{cell} {r['status']}: {r['reason']}"
+    parts = [f"fwd {r['fwd_ms']:.3g} ms"]
+    if r.get("fwd_bwd_ms") is not None:
+        parts.append(f"fwd+bwd {r['fwd_bwd_ms']:.3g} ms")
+    parts.append(f"peak {r['peak_mem_mib']:.4g} MiB")
+    if r.get("max_abs_err") is not None:
+        parts.append(f"err {r['max_abs_err']:.1e}")
+    return f"{cell} ok: " + ", ".join(parts)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 1:
+        sys.argv += default_sweep()
+    main()

@@ -1,0 +1,51 @@
+"""Shared fixtures: composing the real configs, running the CLI, backend parametrisation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import bench.config  # noqa: E402,F401  (registers the structured configs)
+from efficient.attention import backend_names  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb_by_default(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", os.environ.get("TEST_WANDB_MODE", "disabled"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def compose(*overrides: str):
+    """The real config, composed as run.py would, with test overrides."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python run.py ARGS`` with outputs under ``cwd`` (a temporary folder)."""
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "WANDB_SILENT": "true", **(env or {})}
+    cmd = [sys.executable, str(ROOT / "run.py"), *args,
+           f"hydra.run.dir={cwd}/run", f"hydra.sweep.dir={cwd}/sweep"]
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def results_under(path: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(path.rglob("result.json"))]
+
+
+def pytest_generate_tests(metafunc):
+    if "backend_name" in metafunc.fixturenames:
+        metafunc.parametrize("backend_name", backend_names())

@@ -1,0 +1,57 @@
+"""The command line as users call it: sweeps, records, W&B runs, bad input."""
+
+import time
+
+import pytest
+
+from bench import records
+from conftest import results_under, run_cli
+
+SMALL = ["model.d_model=64", "model.n_heads=4", "bench.repeats=2", "bench.warmup=1"]
+
+
+def test_sweep_writes_ok_records_and_offline_wandb_runs(tmp_path):
+    out = run_cli("-m", "attention=full", "seq_len=64,128", *SMALL, cwd=tmp_path, env={"WANDB_MODE": "offline"})
+    assert out.returncode == 0, out.stderr
+    results = results_under(tmp_path / "sweep")
+    assert [r["seq_len"] for r in results] == [64, 128]
+    assert all(r["status"] == "ok" and records.validate(r) == [] for r in results)
+    runs = list((tmp_path / "sweep").glob("*/wandb/offline-run-*"))
+    assert len(runs) == 2
+    assert "| full |" in out.stdout and (tmp_path / "sweep" / "report.md").exists()
+
+
+def test_sweep_goes_on_past_a_failing_cell(tmp_path):
+    out = run_cli("-m", "attention=full", "seq_len=32", "model.d_model=64", "model.n_heads=7,4",
+                  "bench.repeats=2", "bench.warmup=1", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    statuses = sorted(r["status"] for r in results_under(tmp_path / "sweep"))
+    assert statuses == ["error", "ok"]
+
+
+def test_unknown_backend_lists_valid_ones_without_traceback(tmp_path):
+    out = run_cli("attention=nonexistent", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "Available options in 'attention'" in out.stderr and "full" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert not results_under(tmp_path)  # nothing ran
+
+
+@pytest.mark.parametrize("override,message", [
+    ("seq_len=abc", "could not be converted to Integer"),
+    ("dtype=fp8", "expected one of [float64, float32, float16, bfloat16]"),
+    ("attention.no_such_option=1", "no_such_option"),
+])
+def test_bad_values_fail_before_running(tmp_path, override, message):
+    out = run_cli(override, cwd=tmp_path)
+    assert out.returncode != 0 and message in out.stderr
+    assert "Traceback" not in out.stderr and not results_under(tmp_path)
+
+
+def test_huge_cell_is_oom_quickly(tmp_path):
+    start = time.perf_counter()
+    out = run_cli("attention=full", "seq_len=4000000", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    (r,) = results_under(tmp_path / "run")
+    assert r["status"] == "oom" and "budget" in r["reason"]
+    assert time.perf_counter() - start < 60

@@ -1,0 +1,102 @@
+"""The result contract, atomic writes, the report, and the measurement primitives."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import measure, records, report
+from bench.harness import run_job
+from conftest import compose
+
+
+def speed_record(*overrides):
+    cfg = compose("attention=full", "seq_len=32", "bench.repeats=2", "bench.warmup=1", "model.d_model=64",
+                  "model.n_heads=4", *overrides)
+    return run_job(cfg)
+
+
+def test_ok_record_meets_the_contract():
+    r = speed_record()
+    assert r["status"] == "ok", r.get("reason")
+    assert records.validate(r) == []
+    assert r["fwd_ms_p20"] <= r["fwd_ms"] <= r["fwd_ms_p80"]
+    assert r["max_abs_err"] < 1e-5 and r["threads"] >= 1
+    assert r["config"]["attention"]["name"] == "full" and r["versions"]["torch"] == torch.__version__
+    json.dumps(r)  # serialisable as is
+
+
+def test_validate_catches_broken_records():
+    r = speed_record()
+    assert records.validate({**r, "status": "fine"})
+    assert records.validate({**r, "status": "oom", "reason": None})
+    assert records.validate({**r, "fwd_ms": float("nan")})
+    missing = dict(r)
+    del missing["peak_mem_mib"]
+    assert "missing field 'peak_mem_mib'" in records.validate(missing)
+
+
+def test_predicted_oom_is_recorded_without_running():
+    r = speed_record("seq_len=4000000")
+    assert r["status"] == "oom" and "exceeds the budget" in r["reason"]
+    assert r["fwd_ms"] is None and records.validate(r) == []
+
+
+def test_unavailable_device_is_unsupported():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    r = speed_record("device=cuda")
+    assert r["status"] == "unsupported" and "CUDA is not available" in r["reason"]
+
+
+def test_a_failing_cell_is_an_error_record_with_traceback():
+    r = speed_record("model.n_heads=7")  # 64 is not divisible by 7
+    assert r["status"] == "error" and "not divisible" in r["reason"]
+    assert "Traceback" in r["traceback"] and records.validate(r) == []
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "result.json"
+    records.write_atomic(path, {"status": "ok"})
+
+    def broken_dump(*args, **kwargs):
+        args[1].write('{"status": "partial')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(records.json, "dump", broken_dump)
+    with pytest.raises(KeyboardInterrupt):
+        records.write_atomic(path, {"status": "error"})
+    assert json.loads(path.read_text()) == {"status": "ok"}  # the old file, whole
+    assert os.listdir(tmp_path) == ["result.json"]  # no temporary left behind
+
+
+def test_report_tables_and_csv(tmp_path):
+    ok = speed_record()
+    records.write_atomic(tmp_path / "a" / "result.json", ok)
+    records.write_atomic(tmp_path / "b" / "result.json", speed_record("seq_len=4000000"))
+    rows = report.load(tmp_path)
+    text = report.markdown(rows)
+    assert "| full | " in text and "n=32" in text and "n=4000000" in text
+    assert "oom: predicted peak memory" in text
+    report.write_csv(rows, tmp_path / "r.csv")
+    lines = (tmp_path / "r.csv").read_text().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("attention,")
+    assert report.main([str(tmp_path), "--markdown", str(tmp_path / "r.md")]) == 0
+    assert (tmp_path / "r.md").read_text() == text
+
+
+def test_cpu_peak_memory_sees_the_allocator():
+    def allocate():
+        a = torch.ones(16 * 2**20 // 4)  # 16 MiB
+        b = torch.ones(16 * 2**20 // 4)
+        return a.sum() + b.sum()
+
+    peak = measure.peak_memory_bytes(allocate, "cpu")
+    assert 32 * 2**20 <= peak < 33 * 2**20
+
+
+def test_percentiles():
+    s = measure.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert s["median"] == 3.0 and s["p20"] < 3.0 < s["p80"]
