@@ -58,11 +58,13 @@ class ModelConfig:
     norm: Norm = Norm.pre
     positional: Positional = Positional.sinusoidal
 
-    def size(self) -> ModelSize:
-        return ModelSize(
-            self.d_model, self.n_heads, self.n_layers, self.d_ff, self.dropout,
-            self.norm.value, self.positional.value,
-        )
+
+def model_size(model) -> ModelSize:
+    """The library's ModelSize from a composed ``model`` config node."""
+    return ModelSize(
+        model.d_model, model.n_heads, model.n_layers, model.d_ff, model.dropout,
+        model.norm.value, model.positional.value,
+    )
 
 
 @dataclass

@@ -18,6 +18,7 @@ from torch import nn
 
 from efficient.attention import Attention, Shape, build_attention, get_backend, training_flops
 from bench import measure
+from bench.config import model_size
 from bench.measure import MIB
 
 
@@ -106,7 +107,7 @@ def build_subject(cfg, device: str, dtype: torch.dtype) -> Subject:
     else:
         from efficient.models import CausalLM, EncoderClassifier
 
-        size = cfg.model.size()
+        size = model_size(cfg.model)
         if cfg.causal:
             module = CausalLM(cfg.task.vocab_size, n, size, make_attention)
         else:

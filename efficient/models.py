@@ -34,6 +34,8 @@ class Encoder(nn.Module):
     def __init__(self, vocab_size: int, max_len: int, size: ModelSize, make_attention: Callable[[int], Attention]):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, size.d_model)
+        nn.init.normal_(self.embed.weight, std=size.d_model**-0.5)
+        self.embed_scale = size.d_model**0.5  # Vaswani et al.: embeddings times sqrt(d_model)
         self.positions = PositionalEncoding(size.positional, size.d_model, max_len)
         self.drop = nn.Dropout(size.dropout)
         self.blocks = nn.ModuleList(
@@ -43,7 +45,7 @@ class Encoder(nn.Module):
 
     def forward(self, tokens, key_padding_mask=None, causal=False, states=None):
         """states: one per layer (or None); returns (hidden [b, n, d], new states)."""
-        h = self.drop(self.positions(self.embed(tokens)))
+        h = self.drop(self.positions(self.embed(tokens) * self.embed_scale))
         states = states or [None] * len(self.blocks)
         new_states = []
         for block, state in zip(self.blocks, states):
