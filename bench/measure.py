@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -23,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from efficient.attention import Unsupported
 
+ATTENTION_OP = re.compile(r"attention|fmha|flex|flash|cudnn", re.IGNORECASE)
 MIB = 2**20
 GIB = 2**30
 
@@ -99,23 +101,33 @@ def summarize(samples: list[float]) -> dict[str, float]:
 
 def peak_memory_bytes(fn: Callable[[], object], device: str) -> int:
     """Peak bytes allocated while ``fn`` runs, above what was allocated before it."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - baseline
+    return profile_step(fn, device)[0]
+
+
+def profile_step(fn: Callable[[], object], device: str) -> tuple[int, list[str]]:
+    """Run ``fn`` once: (peak bytes above the baseline, the attention ops that ran).
+
+    The op names (ATen's ``_scaled_dot_product_flash_attention``, ``_efficient_attention``,
+    xformers' and FlexAttention's ops, ...) say which kernel really ran.
+    """
     with native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        if device == "cuda":
+            torch.cuda.synchronize()
+            baseline = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
+        synchronize(device)
+    events = prof.profiler.kineto_results.events()
+    ops = sorted({e.name() for e in events if ATTENTION_OP.search(e.name())})
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() - baseline, ops
+    memory = sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns())
     current = peak = 0
-    for event in events:
+    for event in memory:
         if event.device_type() == torch.autograd.DeviceType.CPU:
             current += event.nbytes()
             peak = max(peak, current)
-    return peak
+    return peak, ops
 
 
 @contextlib.contextmanager

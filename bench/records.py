@@ -43,6 +43,9 @@ FIELDS = {
     "fwd_peak_mem_mib": "peak memory of the forward (no grad) above the inputs, MiB",
     "fwd_bwd_peak_mem_mib": "peak memory of forward+backward above the inputs, MiB",
     "peak_mem_mib": "peak memory of the measured step: forward+backward if measured, else forward",
+    "first_call_s": "the first forward call, timed apart (includes compilation / autotuning)",
+    "attention_ops": "the attention kernels (ATen / xformers / flex ops) seen running the forward",
+    "note": "a remark on an ok record, e.g. what was not measured and why",
     "predicted_mem_mib": "the memory model's prediction for the step (the guard's input), MiB",
     "fwd_tokens_per_s": "batch * seq_len / forward time",
     "fwd_bwd_tokens_per_s": "batch * seq_len / forward+backward time",
@@ -111,6 +114,19 @@ def load_records(root: Path | str) -> list[dict[str, Any]]:
         record["_path"] = str(path)
         records.append(record)
     return records
+
+
+def cell_label(record: dict[str, Any]) -> str:
+    """'sdpa[kernel=flash]': the backend and the options that differ from its defaults."""
+    name, options = record["attention"], record.get("attention_options") or {}
+    try:
+        from efficient.attention import get_backend, option_defaults
+
+        defaults = {k: getattr(v, "value", v) for k, v in option_defaults(get_backend(name)).items()}
+    except KeyError:  # a backend this version of the suite does not have
+        defaults = {}
+    changed = [f"{k}={v}" for k, v in options.items() if k not in defaults or defaults[k] != v]
+    return f"{name}[{','.join(changed)}]" if changed else name
 
 
 def versions() -> dict[str, str | None]:

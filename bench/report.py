@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-from bench.records import FIELDS, load_records
+from bench.records import FIELDS, cell_label, load_records
 
 # (record field, table title, format)
 QUANTITIES: list[tuple[str, str, Callable[[float], str]]] = [
@@ -38,10 +38,7 @@ def load(path: Path | str) -> list[dict[str, Any]]:
 
 def label(record: dict[str, Any], varying: tuple[str, ...] = ()) -> str:
     """'sdpa[kernel=flash]' plus any setting that varies across the records shown."""
-    options = record.get("attention_options") or {}
-    text = record["attention"]
-    if options:
-        text += "[" + ",".join(f"{k}={v}" for k, v in options.items()) + "]"
+    text = cell_label(record)
     extra = [f"{k}={record.get(k)}" for k in varying]
     return f"{text} ({', '.join(extra)})" if extra else text
 

@@ -10,6 +10,7 @@ predicted over the budget is recorded as ``oom`` without running.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -170,14 +171,22 @@ def run_speed(cfg, device: str) -> dict:
 
     tokens = cfg.batch_size * cfg.seq_len
     flops_fwd, flops_fwd_bwd = layer_flops(cfg, shape)
+    started = time.perf_counter()
+    fwd()  # the first call compiles (flex), autotunes or initialises: timed apart
+    measure.synchronize(device)
+    result["first_call_s"] = time.perf_counter() - started
     t = measure.time_ms(fwd, device, warmup, repeats)
+    peak, ops = measure.profile_step(fwd, device)
     result.update(
         fwd_ms=t["median"], fwd_ms_p20=t["p20"], fwd_ms_p80=t["p80"],
         fwd_tokens_per_s=tokens / (t["median"] / 1e3), flops_fwd=flops_fwd,
         tflops=flops_fwd / (t["median"] / 1e3) / 1e12,
-        fwd_peak_mem_mib=measure.peak_memory_bytes(fwd, device) / MIB,
+        fwd_peak_mem_mib=peak / MIB, peak_mem_mib=peak / MIB, attention_ops=ops,
     )
-    result["peak_mem_mib"] = result["fwd_peak_mem_mib"]
+    backend = get_backend(cfg.attention.name)
+    if training and device not in backend.capabilities.backward_devices:
+        result["note"] = f"forward only: {backend.name} has no backward on {device}"
+        training = False
     if training:
         t = measure.time_ms(fwd_bwd, device, warmup, repeats)
         module.zero_grad(set_to_none=True)

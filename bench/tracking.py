@@ -15,6 +15,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+from bench.records import cell_label
+
 SUMMARY_SKIP = {"config", "versions", "traceback", "attention_options"}
 
 
@@ -23,9 +25,8 @@ def wandb_mode(cfg) -> str:
 
 
 def run_name(record: dict[str, Any]) -> str:
-    options = "-".join(f"{v}" for v in (record.get("attention_options") or {}).values())
-    parts = [record["attention"], options, f"n{record['seq_len']}", record["dtype"], record["device"]]
-    return "-".join(p for p in parts if p)
+    """The cell as a run name, e.g. 'sdpa[kernel=flash]-n4096-bfloat16-cuda'."""
+    return "-".join([cell_label(record), f"n{record['seq_len']}", record["dtype"], record["device"]])
 
 
 class Tracker:

@@ -46,6 +46,7 @@ class Capabilities:
     stateful: bool = False
     devices: tuple[str, ...] = ("cpu", "cuda")
     dtypes: tuple[str, ...] = DTYPES
+    backward_devices: tuple[str, ...] = ("cpu", "cuda")  # where gradients can be computed
     needs_max_len: bool = False  # the construction needs the longest sequence it will see
     exact: bool = True  # equals softmax attention up to floating-point rounding
 
@@ -124,6 +125,9 @@ class Attention(nn.Module):
         reason = self.unsupported_reason(cell, **self.options())
         if reason:
             raise Unsupported(reason)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if needs_grad and cell.device not in self.capabilities.backward_devices:
+            raise Unsupported(f"{self.name} has no backward on {cell.device}; run it under torch.no_grad()")
 
     def options(self) -> dict[str, Any]:
         """This instance's options (the keyword-only constructor arguments)."""
@@ -150,6 +154,16 @@ class Attention(nn.Module):
         return tensor * shape.bytes_per_element * (6 if training else 2)
 
 
+def materialised_memory_bytes(shape: Shape, training: bool) -> float:
+    """Memory model of attention that materialises the [n, m] scores (``full``, SDPA math).
+
+    Scores and probabilities in float32 plus softmax temporaries; training keeps the
+    probabilities for backward and materialises their gradient too.
+    """
+    scores = shape.batch * shape.n_heads * shape.q_len * shape.k_len * 4
+    return scores * (5 if training else 3) + Attention.memory_bytes(shape, training)
+
+
 def training_flops(forward_flops: float) -> float:
     """Forward + backward FLOPs: backward is 2.5x the forward (FlashAttention's convention)."""
     return 3.5 * forward_flops
@@ -169,19 +183,22 @@ class ProjectedAttention(Attention):
         self.out_proj = nn.Linear(d_model, d_model)
 
     def forward(self, x, context=None, key_padding_mask=None, causal=False, state=None):
-        self.check_call(x, context, key_padding_mask, causal)
+        if not self.reference_mode:  # the reference is plain exact math: it runs anywhere
+            self.check_call(x, context, key_padding_mask, causal)
         source = x if context is None else context
         q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.n_heads)
         k, v = rearrange(self.kv_proj(source), "b m (two h d) -> two b h m d", two=2, h=self.n_heads)
-        if self.reference_mode:
-            o = exact_attention(q, k, v, key_padding_mask, causal, query_block=256)
-        else:
-            o = self.attend(q, k, v, key_padding_mask, causal)  # [b, h, n, d]
+        attend = self.reference_attend if self.reference_mode else self.attend
+        o = attend(q, k, v, key_padding_mask, causal)  # [b, h, n, d]
         return self.out_proj(rearrange(o, "b h n d -> b n (h d)")), None
 
     def attend(self, q, k, v, key_padding_mask, causal):  # pragma: no cover - abstract
         """q [b, h, n, d], k and v [b, h, m, d] -> o [b, h, n, d]."""
         raise NotImplementedError
+
+    def reference_attend(self, q, k, v, key_padding_mask, causal):
+        """The exact math ``attend`` stands for (query-blocked so that long inputs fit)."""
+        return exact_attention(q, k, v, key_padding_mask, causal, query_block=256)
 
     @property
     def dropout_p(self) -> float:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from efficient.attention.base import Capabilities, ProjectedAttention, Shape, register
+from efficient.attention.base import Capabilities, ProjectedAttention, Shape, materialised_memory_bytes, register
 from efficient.attention.functional import exact_attention
 
 
@@ -18,8 +18,4 @@ class FullAttention(ProjectedAttention):
 
     @classmethod
     def memory_bytes(cls, shape: Shape, training: bool, **options) -> float:
-        # Scores and probabilities in float32 (plus the mask and softmax temporaries); training
-        # keeps the probabilities for backward and materialises their gradient too.
-        scores = shape.batch * shape.n_heads * shape.q_len * shape.k_len * 4
-        linear = super().memory_bytes(shape, training)
-        return scores * (5 if training else 3) + linear
+        return materialised_memory_bytes(shape, training)

@@ -13,14 +13,28 @@ from einops import einsum, rearrange
 
 
 def visible_keys(
-    q_len: int, k_len: int, key_padding_mask: torch.Tensor | None, causal: bool, device
+    q_len: int, k_len: int, key_padding_mask: torch.Tensor | None, causal: bool, device,
+    window: int | None = None,
+    q_offset: int | None = None,
 ) -> torch.Tensor | None:
-    """Bool [b or 1, 1, n, m]: True where query i may attend key j; None when all may."""
+    """Bool [b or 1, 1, n, m]: True where query i may attend key j; None when all may.
+
+    Query i stands at key position i + q_offset (default m - n: bottom-right alignment).
+
+    ``window``: a sliding window; key j is visible iff |i + (m - n) - j| < window (with
+    ``causal`` that is the ``window`` most recent keys, the query's own included).
+    """
     mask = None
-    if causal:
-        i = torch.arange(q_len, device=device)[:, None]
+    if causal or window:
+        offset = k_len - q_len if q_offset is None else q_offset
+        i = torch.arange(q_len, device=device)[:, None] + offset  # the query's key position
         j = torch.arange(k_len, device=device)[None, :]
-        mask = (j <= i + (k_len - q_len))[None, None]  # [1, 1, n, m]
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+        if causal:
+            mask &= j <= i
+        if window:
+            mask &= (i - j).abs() < window
+        mask = mask[None, None]  # [1, 1, n, m]
     if key_padding_mask is not None:
         padding = rearrange(key_padding_mask.to(torch.bool), "b m -> b 1 1 m")
         mask = padding if mask is None else mask & padding
@@ -35,6 +49,8 @@ def exact_attention(
     causal: bool = False,
     dropout_p: float = 0.0,
     query_block: int | None = None,
+    window: int | None = None,
+    q_offset: int | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v with every score materialised -> [b, h, n, d].
 
@@ -46,22 +62,17 @@ def exact_attention(
     if query_block and n > query_block:
         blocks = []
         for start in range(0, n, query_block):
-            stop = min(start + query_block, n)
-            # Bottom-right causal alignment of a block of queries: shift by the rows after it.
-            k_stop = max(m - (n - stop), 0) if causal else m
+            block = q[..., start : start + query_block, :]
+            offset = (m - n if q_offset is None else q_offset) + start  # keeps the alignment
             blocks.append(
-                exact_attention(
-                    q[..., start:stop, :], k[..., :k_stop, :], v[..., :k_stop, :],
-                    None if key_padding_mask is None else key_padding_mask[:, :k_stop],
-                    causal, dropout_p,
-                )
+                exact_attention(block, k, v, key_padding_mask, causal, dropout_p, window=window, q_offset=offset)
             )
         return torch.cat(blocks, dim=-2)
 
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
     scores = einsum(q.to(compute_dtype), k.to(compute_dtype), "b h n d, b h m d -> b h n m")
     scores = scores * (1.0 / math.sqrt(q.shape[-1]))  # [b, h, n, m]
-    mask = visible_keys(n, m, key_padding_mask, causal, q.device)
+    mask = visible_keys(n, m, key_padding_mask, causal, q.device, window, q_offset)
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(compute_dtype).min)
     probs = scores.softmax(dim=-1)

@@ -1,0 +1,84 @@
+"""``flex``: FlexAttention (torch.nn.attention.flex_attention), always compiled.
+
+Masks are ``mask_mod`` functions (causal with bottom-right alignment, key padding, a sliding
+``window``) turned into block masks that are built once per (mask, shape) and cached. The
+recompile limit is raised so that a sweep over many lengths keeps compiling instead of
+falling back to eager. The first call compiles: the speed bench records it as ``first_call_s``,
+apart from the measured steps. On CPU, torch's FlexAttention has no backward and supports
+float32, float16 and bfloat16.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from efficient.attention.base import Capabilities, ProjectedAttention, Unsupported, register
+from efficient.attention.functional import exact_attention
+
+RECOMPILE_LIMIT = 256
+_compiled = None
+_block_masks: dict[tuple, object] = {}
+
+
+def compiled_flex_attention():
+    global _compiled
+    if _compiled is None:
+        import torch._dynamo
+
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), RECOMPILE_LIMIT))
+        _compiled = torch.compile(flex_attention, dynamic=False)
+    return _compiled
+
+
+def block_mask_for(b, n, m, key_padding_mask, causal, window, device):
+    """The cached BlockMask of this mask and shape, or None when every key is visible."""
+    if not (causal or window or key_padding_mask is not None):
+        return None
+    padding_key = None
+    if key_padding_mask is not None:  # the same tensor, unmodified, reuses its block mask
+        padding_key = (key_padding_mask.data_ptr(), key_padding_mask._version, tuple(key_padding_mask.shape))
+    key = (b, n, m, causal, window, padding_key, str(device))
+    if key not in _block_masks:
+        offset = m - n  # bottom-right alignment: query i stands at key position i + m - n
+
+        def mask_mod(batch, head, q_idx, kv_idx):
+            visible = kv_idx >= 0
+            if causal:
+                visible = visible & (kv_idx <= q_idx + offset)
+            if window:
+                visible = visible & ((q_idx + offset - kv_idx).abs() < window)
+            if key_padding_mask is not None:
+                visible = visible & key_padding_mask[batch, kv_idx]
+            return visible
+
+        batch = b if key_padding_mask is not None else None
+        if len(_block_masks) > 64:
+            _block_masks.clear()
+        _block_masks[key] = create_block_mask(mask_mod, batch, None, n, m, device=device)
+    return _block_masks[key]
+
+
+@register
+class FlexAttention(ProjectedAttention):
+    name = "flex"
+    capabilities = Capabilities(dtypes=("float32", "float16", "bfloat16"), backward_devices=("cuda",))
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, *, window: Optional[int] = None):
+        super().__init__(d_model, n_heads, dropout)
+        self.window = window
+
+    def attend(self, q, k, v, key_padding_mask, causal):
+        if self.dropout_p > 0:
+            raise Unsupported("FlexAttention has no attention dropout; set model.dropout=0 to train with flex")
+        b, _, n, _ = q.shape
+        m = k.shape[-2]
+        mask = block_mask_for(b, n, m, key_padding_mask, causal, self.window, q.device)
+        return compiled_flex_attention()(q, k, v, block_mask=mask)  # rows that see no key -> 0
+
+    def reference_attend(self, q, k, v, key_padding_mask, causal):
+        return exact_attention(q, k, v, key_padding_mask, causal, query_block=256, window=self.window)

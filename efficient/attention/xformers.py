@@ -1,0 +1,115 @@
+"""``xformers``: ``xformers.ops.memory_efficient_attention`` with an explicit operator.
+
+``op=auto|cutlass|flash|flash3`` picks the forward/backward operator pair (auto: xformers'
+dispatcher chooses). The [b, n, h, d] layout xformers wants is the projections' own layout,
+so no copy is made. Causal masks and right padding go through xformers' attention-bias
+classes (``LowerTriangularFromBottomRightMask``, ``BlockDiagonalMask`` over packed keys).
+When xformers is missing, its C++/CUDA ops did not load, or the device is a CPU, the cell is
+``unsupported`` with xformers' own reason.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+
+import torch
+from einops import rearrange
+
+from efficient.attention.base import Capabilities, Cell, ProjectedAttention, Unsupported, as_value, register
+
+
+class Op(enum.Enum):
+    auto = "auto"
+    cutlass = "cutlass"
+    flash = "flash"
+    flash3 = "flash3"
+
+
+def operator(op: str):
+    """xformers' (forward, backward) operator pair for ``op``, None for its dispatcher."""
+    from xformers.ops import fmha
+
+    return {
+        "auto": None,
+        "cutlass": fmha.MemoryEfficientAttentionCutlassOp,
+        "flash": fmha.MemoryEfficientAttentionFlashAttentionOp,
+        "flash3": (fmha.flash3.FwOp, fmha.flash3.BwOp),
+    }[op]
+
+
+def xformers_reason(error: Exception) -> str:
+    """xformers' 'No operator found ... is not supported because: ...' in one line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first = next((i for i, line in enumerate(lines) if "not supported because" in line), 0)
+    return "xformers: " + " ".join(lines[first:])  # skip the echo of the inputs
+
+
+@functools.lru_cache(maxsize=None)
+def xformers_problem(device: str, dtype: str, op: str) -> str | None:
+    """Why xformers cannot run attention here (in its own words), or None if it can."""
+    try:
+        import xformers.ops as xops
+    except Exception as e:  # not installed, or broken against this torch
+        return f"xformers is not available: {type(e).__name__}: {e}"
+    tiny = torch.zeros(1, 8, 1, 64, device=device, dtype=getattr(torch, dtype))  # [b, n, h, d]
+    try:
+        xops.memory_efficient_attention(tiny, tiny, tiny, op=operator(op))
+    except (NotImplementedError, RuntimeError) as e:
+        return xformers_reason(e)
+    return None
+
+
+@register
+class XFormersAttention(ProjectedAttention):
+    name = "xformers"
+    capabilities = Capabilities(devices=("cuda",), dtypes=("float32", "float16", "bfloat16"))
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, *, op: Op = Op.auto):
+        super().__init__(d_model, n_heads, dropout)
+        self.op = as_value(op)
+
+    @classmethod
+    def unsupported_reason(cls, cell: Cell, op: Op | str = Op.auto, **options) -> str | None:
+        if cell.dtype in ("float32", "float16", "bfloat16"):
+            problem = xformers_problem(cell.device, cell.dtype, as_value(op))
+            if problem:
+                return problem
+        return super().unsupported_reason(cell)
+
+    def attend(self, q, k, v, key_padding_mask, causal):
+        import xformers.ops as xops
+        from xformers.ops.fmha import attn_bias
+
+        b, h, n, _ = q.shape
+        m = k.shape[-2]
+        # [b, h, n, d] views of the projections are [b, n, h, d] in memory: no copy.
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        bias = None
+        if key_padding_mask is not None:
+            lengths = right_padding_lengths(key_padding_mask)
+            if causal and n != m:
+                raise Unsupported("xformers backend: causal cross-attention with padding is not supported")
+            mask_cls = attn_bias.BlockDiagonalCausalMask if causal else attn_bias.BlockDiagonalMask
+            bias = mask_cls.from_seqlens([n] * b, lengths, device=q.device)
+            real = key_padding_mask.bool()
+            q = rearrange(q, "b n h d -> 1 (b n) h d")
+            k, v = k[real].unsqueeze(0), v[real].unsqueeze(0)  # [1, sum(lengths), h, d]
+        elif causal:
+            bias = attn_bias.LowerTriangularMask() if n == m else attn_bias.LowerTriangularFromBottomRightMask()
+        try:
+            out = xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=self.dropout_p, op=operator(self.op))
+        except NotImplementedError as e:
+            raise Unsupported(xformers_reason(e)) from None
+        if key_padding_mask is not None:  # queries were packed into one sequence
+            return rearrange(out, "1 (b n) h d -> b h n d", b=b)
+        return out.transpose(1, 2)  # [b, h, n, d]
+
+
+def right_padding_lengths(key_padding_mask: torch.Tensor) -> list[int]:
+    """Real-token counts of a [b, m] mask whose real tokens come first (right padding)."""
+    lengths = key_padding_mask.sum(dim=1)
+    positions = torch.arange(key_padding_mask.shape[1], device=key_padding_mask.device)
+    if not torch.equal(key_padding_mask.bool(), positions[None, :] < lengths[:, None]):
+        raise Unsupported("xformers backend needs right padding (real tokens first, then padding)")
+    return lengths.tolist()
