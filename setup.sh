@@ -6,7 +6,7 @@
 #             so that it can never replace the installed torch.
 set -euo pipefail
 cd "$(dirname "$0")"
-PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 pip_install() { "$PYTHON" -m pip install --disable-pip-version-check -q "$@"; }
 
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then

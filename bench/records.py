@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
@@ -137,10 +138,10 @@ def versions() -> dict[str, str | None]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
     }
-    for package in ("xformers", "einops", "hydra", "wandb", "triton"):
-        try:
-            found[package] = __import__(package).__version__
-        except Exception:  # missing, or broken on this machine
+    for package in ("xformers", "einops", "hydra-core", "wandb", "triton"):
+        try:  # from the installed metadata: importing xformers would print its load warnings
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
             found[package] = None
     return found
 

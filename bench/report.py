@@ -16,6 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from bench.records import FIELDS, cell_label, load_records
 
 # (record field, table title, format)
@@ -78,6 +80,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         for name, cells in table.items():
             out.append(f"| {name} | " + " | ".join(cells.get(n, "") for n in lengths) + " |")
         out.append("")
+    out += scaling_table(rows, varying)
+    notes = sorted({f"- {label(r, varying)}: {r['note']}" for r in rows if r.get("note")})
+    if notes:
+        out += ["**Notes**", "", *notes, ""]
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         out += ["**Cells that did not run**", ""]
@@ -89,6 +95,44 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                 out.append(line)
         out.append("")
     return "\n".join(out)
+
+
+def fit_power_law(lengths: list[float], values: list[float]) -> tuple[float, float, float]:
+    """Least squares of log(value) = log(c) + k log(n): (k, c, spread of the log residuals)."""
+    x, y = np.log(np.asarray(lengths, dtype=float)), np.log(np.asarray(values, dtype=float))
+    k, log_c = np.polyfit(x, y, 1)
+    spread = float(np.std(y - (k * x + log_c)))
+    return float(k), float(np.exp(log_c)), spread
+
+
+SCALING = [("fwd_ms", "forward time"), ("fwd_bwd_ms", "fwd+bwd time"),
+           ("fwd_peak_mem_mib", "forward memory"), ("peak_mem_mib", "fwd+bwd memory")]
+
+
+def scaling_table(rows: list[dict[str, Any]], varying: tuple[str, ...]) -> list[str]:
+    """Fitted exponents k of value ~ n^k per backend, over its ok cells (3 lengths or more)."""
+    by_label: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["status"] == "ok":
+            by_label[label(r, varying)].append(r)
+    out = []
+    for name, cells in sorted(by_label.items()):
+        fits = []
+        for field, _ in SCALING:
+            points = sorted((r["seq_len"], r[field]) for r in cells if r.get(field))
+            if len(points) < 3:
+                fits.append("-")
+                continue
+            k, _, spread = fit_power_law(*zip(*points))
+            fits.append(f"{k:.2f} (±{spread:.2f})")
+        lengths = sorted({r["seq_len"] for r in cells})
+        if any(f != "-" for f in fits):
+            out.append(f"| {name} | {lengths[0]}-{lengths[-1]} | " + " | ".join(fits) + " |")
+    if not out:
+        return []
+    header = "| backend | lengths | " + " | ".join(t for _, t in SCALING) + " |"
+    return ["**Fitted exponent k in value ~ n^k (log-log least squares; ± = residual spread)**", "",
+            header, "|---|---|" + "---:|" * len(SCALING), *out, ""]
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path | str) -> None:

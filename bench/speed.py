@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from efficient.attention import Attention, Shape, build_attention, get_backend, training_flops
+from efficient.attention import Attention, Shape, attention_factory, get_backend, training_flops
 from bench import measure
 from bench.config import model_size
 from bench.measure import MIB
@@ -91,8 +91,9 @@ def build_subject(cfg, device: str, dtype: torch.dtype) -> Subject:
         real = max(1, round(n * (1 - cfg.bench.pad_fraction)))
         padding = (torch.arange(n, device=device) < real).expand(b, n)  # [b, n], right padding
 
-    def make_attention(layer: int) -> Attention:
-        return build_attention(cfg.attention.name, d, cfg.model.n_heads, cfg.model.dropout, **options)
+    if get_backend(cfg.attention.name).capabilities.needs_max_len and options.get("max_len") is None:
+        options["max_len"] = n  # built for the run's length unless the config says otherwise
+    make_attention = attention_factory(cfg.attention.name, d, cfg.model.n_heads, cfg.model.dropout, **options)
 
     if cfg.bench.scope.value == "attention":
         module = make_attention(0)

@@ -23,7 +23,7 @@ import dataclasses
 import enum
 import inspect
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from einops import rearrange
@@ -133,6 +133,12 @@ class Attention(nn.Module):
         """This instance's options (the keyword-only constructor arguments)."""
         return {name: getattr(self, name) for name in option_defaults(type(self))}
 
+    @classmethod
+    def layer_factory(cls, d_model: int, n_heads: int, dropout: float = 0.0, **options) -> Callable[[int], "Attention"]:
+        """``make(layer_index) -> Attention`` for the layers of one model (a backend whose
+        parameters are shared across layers overrides this)."""
+        return lambda layer: cls(d_model, n_heads, dropout, **options)
+
     # -- cost models ---------------------------------------------------------------------------
     @classmethod
     def flops(cls, shape: Shape, **options: Any) -> float:
@@ -239,6 +245,12 @@ def build_attention(name: str, d_model: int, n_heads: int, dropout: float = 0.0,
             f"{name} has no option(s) {', '.join(unknown)}; valid options: {', '.join(valid) or 'none'}"
         )
     return cls(d_model, n_heads, dropout, **options)
+
+
+def attention_factory(name: str, d_model: int, n_heads: int, dropout: float = 0.0, **options) -> Callable[[int], Attention]:
+    """``make(layer_index) -> Attention`` building the layers of one model with backend ``name``."""
+    build_attention(name, d_model, n_heads, dropout, **options)  # validates the name and options
+    return get_backend(name).layer_factory(d_model, n_heads, dropout, **options)
 
 
 def option_defaults(cls: type[Attention]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from efficient.attention.base import ProjectedAttention, Shape, register
 
 
 def chunked_attention(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0,
-                      query_chunk=1024, key_chunk=4096, use_checkpoint=True):
+                      query_chunk=1024, key_chunk=1024, use_checkpoint=True):
     """q [b, h, n, d], k and v [b, h, m, d] -> [b, h, n, d], exactly softmax attention."""
     n = q.shape[-2]
     use_checkpoint = use_checkpoint and torch.is_grad_enabled()
@@ -41,6 +41,7 @@ def query_chunk_attention(q, k, v, key_padding_mask, q_start, n, causal, dropout
     b, h, c, d = q.shape
     m = k.shape[-2]
     accumulate = torch.promote_types(q.dtype, torch.float32)
+    q = q.to(accumulate) * (1.0 / math.sqrt(d))  # scaled once, not per key chunk
     acc = torch.zeros(b, h, c, d, dtype=accumulate, device=q.device)  # sum_j exp(s_j - max) v_j
     row_max = torch.full((b, h, c, 1), -math.inf, dtype=accumulate, device=q.device)
     row_sum = torch.zeros(b, h, c, 1, dtype=accumulate, device=q.device)  # sum_j exp(s_j - max)
@@ -56,17 +57,17 @@ def query_chunk_attention(q, k, v, key_padding_mask, q_start, n, causal, dropout
         else:
             acc, row_max, row_sum = key_chunk_step(*args)
     # A row that saw no key has acc = 0 and row_sum = 0: its output is 0.
-    return (acc / row_sum.clamp_min(torch.finfo(accumulate).tiny)).to(q.dtype)
+    return (acc / row_sum.clamp_min(torch.finfo(accumulate).tiny)).to(v.dtype)
 
 
 def key_chunk_step(acc, row_max, row_sum, q, k, v, padding, q_position, k_start, causal, dropout_p):
     """Fold one chunk of keys into the running (acc, max, sum) of a chunk of queries.
 
-    q [b, h, c, d]; k, v [b, h, kc, d]; padding [b, kc] or None; query row i stands at key
-    position q_position + i.
+    q [b, h, c, d] (already scaled by 1/sqrt(d)); k, v [b, h, kc, d]; padding [b, kc] or None;
+    query row i stands at key position q_position + i.
     """
     accumulate = acc.dtype
-    scores = einsum(q.to(accumulate), k.to(accumulate), "b h c d, b h k d -> b h c k") / math.sqrt(q.shape[-1])
+    scores = einsum(q, k.to(accumulate), "b h c d, b h k d -> b h c k")
     visible = None
     if causal:
         i = torch.arange(q.shape[-2], device=q.device)[:, None] + q_position
@@ -80,7 +81,7 @@ def key_chunk_step(acc, row_max, row_sum, q, k, v, padding, q_position, k_start,
     # The max only keeps exp() in range; the result does not depend on it, so no gradient.
     new_max = torch.maximum(row_max, scores.amax(dim=-1, keepdim=True)).detach()
     safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)  # rows with no key yet
-    weights = torch.exp(scores - safe_max)  # [b, h, c, kc]; masked keys -> 0
+    weights = scores.sub_(safe_max).exp_()  # [b, h, c, kc], in place; masked keys -> 0
     correction = torch.exp(row_max - safe_max)  # rescales what was accumulated so far
     row_sum = row_sum * correction + weights.sum(dim=-1, keepdim=True)
     if dropout_p > 0.0:  # dropping normalised probabilities == dropping weights before the sum
@@ -94,7 +95,7 @@ class ChunkedAttention(ProjectedAttention):
     name = "chunked"
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, *,
-                 query_chunk: int = 1024, key_chunk: int = 4096, checkpoint: bool = True):
+                 query_chunk: int = 1024, key_chunk: int = 1024, checkpoint: bool = True):
         super().__init__(d_model, n_heads, dropout)
         if query_chunk < 1 or key_chunk < 1:
             raise ValueError(f"chunk lengths must be positive, got query_chunk={query_chunk}, key_chunk={key_chunk}")
@@ -105,7 +106,7 @@ class ChunkedAttention(ProjectedAttention):
                                  self.query_chunk, self.key_chunk, self.checkpoint)
 
     @classmethod
-    def memory_bytes(cls, shape: Shape, training: bool, query_chunk: int = 1024, key_chunk: int = 4096,
+    def memory_bytes(cls, shape: Shape, training: bool, query_chunk: int = 1024, key_chunk: int = 1024,
                      **options) -> float:
         # One [c, kc] block of scores and weights (float32) at a time, plus per-query-chunk state
         # and, in backward, the saved per-key-chunk states of the query chunk being recomputed.
