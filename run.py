@@ -21,7 +21,7 @@ from hydra.types import RunMode
 
 import bench.config  # noqa: F401  (registers the structured configs)
 from bench import records, tracking
-from bench.harness import describe_cell, run_job
+from bench.harness import new_record, run_job
 from efficient.attention import Cell, backend_names, get_backend
 
 CPU_LADDER = "256,512,1024,2048,4096"
@@ -43,10 +43,9 @@ def main(cfg) -> None:
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
-    record = {**records.empty_record(), **describe_cell(cfg)}
-    record["config"] = {}
+    record = new_record(cfg)
     with tracking.wandb_run(cfg, record, output_dir, group) as tracker:
-        record = run_job(cfg)
+        record = run_job(cfg, record)
         records.write_atomic(output_dir / records.RESULT_FILE, record)
         tracker.summarize(record)
     print(summary_line(record))

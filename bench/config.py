@@ -81,6 +81,14 @@ class SpeedBenchConfig:
 
 
 @dataclass
+class XLEvalBenchConfig:
+    name: str = "xl_eval"
+    tgt_len: int = 128  # XL's evaluation segment; seq_len is the attention length
+    warmup: int = 1
+    repeats: int = 5
+
+
+@dataclass
 class TaskConfig:
     name: str = "synthetic"  # random inputs for speed and memory
     vocab_size: int = 256  # token ids drawn for the `model` scope
@@ -114,6 +122,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="schema/bench", name="speed", node=SpeedBenchConfig)
+    cs.store(group="schema/bench", name="xl_eval", node=XLEvalBenchConfig)
     cs.store(group="schema/task", name="synthetic", node=TaskConfig)
     cs.store(group="schema/model", name="model", node=ModelConfig)
     for name in backend_names():

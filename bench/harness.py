@@ -17,18 +17,36 @@ from omegaconf import OmegaConf
 from efficient.attention import Cell, Unsupported, get_backend
 from bench import measure, records
 from bench.speed import PredictedOOM, attention_options, run_speed
+from bench.xl_eval import run_xl_eval
 
-BENCHES = {"speed": run_speed}
+BENCHES = {"speed": run_speed, "xl_eval": run_xl_eval}
+
+
+def new_record(cfg) -> dict:
+    """A record with everything known before measuring: the cell, the config, the versions."""
+    record = records.empty_record()
+    record.update(describe_cell(cfg))
+    record.update(
+        config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        versions=records.versions(),
+        git_sha=records.git_sha(),
+    )
+    return record
 
 
 def describe_cell(cfg) -> dict:
     """The record's fields that say which cell this is (known before anything runs)."""
+    scope = cfg.bench.get("scope")
+    try:
+        device = measure.resolve_device(cfg.device.value)
+    except Unsupported:
+        device = cfg.device.value
     return {
         "attention": cfg.attention.name,
         "attention_options": attention_options(cfg),
         "bench": cfg.bench.name,
         "task": cfg.task.name,
-        "scope": cfg.bench.get("scope", None) and cfg.bench.scope.value,
+        "scope": scope.value if scope else None,
         "seq_len": cfg.seq_len,
         "batch_size": cfg.batch_size,
         "n_heads": cfg.model.n_heads,
@@ -37,21 +55,15 @@ def describe_cell(cfg) -> dict:
         "n_layers": cfg.model.n_layers,
         "causal": cfg.causal,
         "dtype": cfg.dtype.value,
-        "device": cfg.device.value,
+        "device": device,
         "seed": cfg.seed,
     }
 
 
-def run_job(cfg) -> dict:
+def run_job(cfg, record: dict | None = None) -> dict:
     """Measure the cell ``cfg`` names and return its record (status set, never raises)."""
     started = time.perf_counter()
-    record = records.empty_record()
-    record.update(describe_cell(cfg))
-    record.update(
-        config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-        versions=records.versions(),
-        git_sha=records.git_sha(),
-    )
+    record = record if record is not None else new_record(cfg)
     try:
         device = measure.resolve_device(cfg.device.value)
         record.update(device=device, device_name=measure.device_name(device))

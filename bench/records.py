@@ -58,6 +58,7 @@ FIELDS = {
     "reference": "what max_abs_err compares against",
     "metric": "accuracy jobs: the metric's name",
     "value": "accuracy jobs: the metric's value",
+    "extra": "bench-specific measurements (e.g. xl_eval: both models' per-token times)",
     "seed": "random seed",
     "wall_s": "wall time of the job, s",
     "config": "the full resolved config",

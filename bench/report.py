@@ -65,7 +65,7 @@ def pivot(rows, field, fmt, varying) -> tuple[list[int], dict[str, dict[int, str
     return lengths, table
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def markdown(rows: list[dict[str, Any]], baseline: str | None = None) -> str:
     varying = varying_settings(rows)
     fixed = [f"{k}={rows[0].get(k)}" for k in SETTINGS if k not in varying]
     devices = sorted({str(r.get("device_name")) for r in rows if r.get("device_name")})
@@ -81,6 +81,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             out.append(f"| {name} | " + " | ".join(cells.get(n, "") for n in lengths) + " |")
         out.append("")
     out += scaling_table(rows, varying)
+    if baseline:
+        out += baseline_tables(rows, baseline, varying)
     notes = sorted({f"- {label(r, varying)}: {r['note']}" for r in rows if r.get("note")})
     if notes:
         out += ["**Notes**", "", *notes, ""]
@@ -135,6 +137,33 @@ def scaling_table(rows: list[dict[str, Any]], varying: tuple[str, ...]) -> list[
             header, "|---|---|" + "---:|" * len(SCALING), *out, ""]
 
 
+RATIOS = [("fwd_ms", "forward time"), ("fwd_peak_mem_mib", "forward memory"),
+          ("fwd_bwd_ms", "fwd+bwd time"), ("peak_mem_mib", "fwd+bwd memory")]
+
+
+def baseline_tables(rows: list[dict[str, Any]], baseline: str, varying: tuple[str, ...]) -> list[str]:
+    """'baseline value / backend value' per backend and length: how many times faster / smaller."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    base = {r["seq_len"]: r for r in ok if label(r, varying) == baseline}
+    if not base:
+        return [f"(no ok records of the baseline {baseline!r}: nothing to compare against)", ""]
+    out = []
+    for field, title in RATIOS:
+        lengths = sorted({n for n, r in base.items() if r.get(field)})
+        table = defaultdict(dict)
+        for r in ok:
+            name, n = label(r, varying), r["seq_len"]
+            if name != baseline and n in lengths and r.get(field):
+                table[name][n] = f"{base[n][field] / r[field]:.3g}x"
+        if table:
+            out += [f"**{title}: {baseline} / backend (above 1: the backend saves that factor)**", "",
+                    "| backend | " + " | ".join(f"n={n}" for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
+            out += [f"| {name} | " + " | ".join(cells.get(n, "") for n in lengths) + " |"
+                    for name, cells in sorted(table.items())]
+            out.append("")
+    return out
+
+
 def write_csv(rows: list[dict[str, Any]], path: Path | str) -> None:
     columns = [k for k in FIELDS if k not in ("config", "versions", "traceback")]
     with open(path, "w", newline="") as f:
@@ -149,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("path", type=Path, help="a folder of result.json files (searched recursively)")
     parser.add_argument("--markdown", type=Path, help="also write the tables as Markdown here")
     parser.add_argument("--csv", type=Path, help="also write one row per record as CSV here")
+    parser.add_argument("--baseline", help="a backend label (e.g. full, sdpa[kernel=flash]): add tables of "
+                        "its time and memory divided by every other backend's")
     args = parser.parse_args(argv)
     if not args.path.exists():
         parser.error(f"{args.path} does not exist")
@@ -156,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"no result.json under {args.path}", file=sys.stderr)
         return 1
-    text = markdown(rows)
+    text = markdown(rows, args.baseline)
     print(text)
     if args.markdown:
         args.markdown.write_text(text)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from efficient.attention import Attention, Shape, attention_factory, get_backend, training_flops
+from efficient.attention import Attention, Shape, as_value, attention_factory, get_backend, training_flops
 from bench import measure
 from bench.config import model_size
 from bench.measure import MIB
@@ -37,14 +37,16 @@ class Subject:
 
 
 def attention_options(cfg) -> dict:
-    return {k: v.value if hasattr(v, "value") else v for k, v in cfg.attention.items() if k != "name"}
+    """The backend's options from the config (enums as their plain values)."""
+    return {k: as_value(v) for k, v in cfg.attention.items() if k != "name"}
 
 
 def cell_shape(cfg) -> Shape:
     dtype = getattr(torch, cfg.dtype.value)
+    memory = cfg.attention.get("mem_len", 0) or 0  # Transformer-XL keys: [memory ; segment]
     return Shape(
         batch=cfg.batch_size, n_heads=cfg.model.n_heads, head_dim=cfg.model.d_model // cfg.model.n_heads,
-        q_len=cfg.seq_len, k_len=cfg.seq_len, causal=cfg.causal,
+        q_len=cfg.seq_len, k_len=cfg.seq_len + memory, causal=cfg.causal,
         bytes_per_element=torch.tensor([], dtype=dtype).element_size(),
     )
 
@@ -99,9 +101,10 @@ def build_subject(cfg, device: str, dtype: torch.dtype) -> Subject:
         module = make_attention(0)
         x = torch.randn(b, n, d, device=device, dtype=dtype, requires_grad=True)  # [b, n, d]
         grad = torch.randn(b, n, d, device=device, dtype=dtype)
+        state = module.example_state(b, device, dtype)  # Transformer-XL: a full memory
 
         def forward(m):
-            return m(x.to(next(m.parameters()).dtype), key_padding_mask=padding, causal=cfg.causal)[0]
+            return m(x.to(next(m.parameters()).dtype), key_padding_mask=padding, causal=cfg.causal, state=state)[0]
 
         def loss(y):
             return (y * grad.to(y.dtype)).sum()
@@ -116,10 +119,12 @@ def build_subject(cfg, device: str, dtype: torch.dtype) -> Subject:
             module = EncoderClassifier(cfg.task.vocab_size, cfg.task.n_classes, n, size, make_attention)
         tokens = torch.randint(cfg.task.vocab_size, (b, n), device=device)  # [b, n]
         targets = torch.randint(head_width(cfg), (b, n) if cfg.causal else (b,), device=device)
+        states = [block.attention.example_state(b, device, dtype) for block in module.encoder.blocks]
 
         def forward(m):
-            out = m(tokens, key_padding_mask=padding)
-            return out[0] if isinstance(out, tuple) else out  # logits
+            if cfg.causal:
+                return m(tokens, key_padding_mask=padding, states=states)[0]  # logits
+            return m(tokens, key_padding_mask=padding)
 
         def loss(y):
             return nn.functional.cross_entropy(y.flatten(0, -2).float(), targets.flatten())

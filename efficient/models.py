@@ -36,11 +36,13 @@ class Encoder(nn.Module):
         self.embed = nn.Embedding(vocab_size, size.d_model)
         nn.init.normal_(self.embed.weight, std=size.d_model**-0.5)
         self.embed_scale = size.d_model**0.5  # Vaswani et al.: embeddings times sqrt(d_model)
-        self.positions = PositionalEncoding(size.positional, size.d_model, max_len)
         self.drop = nn.Dropout(size.dropout)
         self.blocks = nn.ModuleList(
             TransformerBlock(make_attention(i), size.d_ff, size.dropout, size.norm) for i in range(size.n_layers)
         )
+        # A backend with relative positions (Transformer-XL) gets no absolute encoding on top.
+        relative = any(b.attention.capabilities.relative_positions for b in self.blocks)
+        self.positions = PositionalEncoding("none" if relative else size.positional, size.d_model, max_len)
         self.ln_final = nn.LayerNorm(size.d_model) if size.norm == "pre" else nn.Identity()
 
     def forward(self, tokens, key_padding_mask=None, causal=False, states=None):

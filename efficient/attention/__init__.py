@@ -10,6 +10,7 @@ from efficient.attention.base import (
     ProjectedAttention,
     Shape,
     Unsupported,
+    as_value,
     attention_factory,
     backend_names,
     build_attention,
@@ -27,6 +28,6 @@ for _module in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "Attention", "Capabilities", "Cell", "ProjectedAttention", "Shape", "Unsupported",
-    "attention_factory", "backend_names", "build_attention", "get_backend", "option_defaults", "options_schema",
+    "as_value", "attention_factory", "backend_names", "build_attention", "get_backend", "option_defaults", "options_schema",
     "register", "training_flops",
 ]

@@ -49,6 +49,7 @@ class Capabilities:
     backward_devices: tuple[str, ...] = ("cpu", "cuda")  # where gradients can be computed
     needs_max_len: bool = False  # the construction needs the longest sequence it will see
     exact: bool = True  # equals softmax attention up to floating-point rounding
+    relative_positions: bool = False  # encodes positions itself: models add no absolute ones
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,10 @@ class Attention(nn.Module):
         """``make(layer_index) -> Attention`` for the layers of one model (a backend whose
         parameters are shared across layers overrides this)."""
         return lambda layer: cls(d_model, n_heads, dropout, **options)
+
+    def example_state(self, batch: int, device, dtype):
+        """A recurrent state as a long stream would have it in steady state (None: stateless)."""
+        return None
 
     # -- cost models ---------------------------------------------------------------------------
     @classmethod

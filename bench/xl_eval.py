@@ -1,0 +1,63 @@
+"""``bench=xl_eval``: the Transformer-XL paper's evaluation-speed experiment (Dai et al. 2019).
+
+A vanilla model (Al-Rfou et al. 2018) predicts one token per forward pass over a sliding window
+of the attention length A, recomputing the whole window for every token. Transformer-XL reads
+a segment of ``tgt_len`` tokens per forward pass, its keys the segment plus a memory of
+A - tgt_len cached positions, and predicts every token of the segment. Both models have the
+same size (``model.*``); ``seq_len`` is A. The record's ``value`` is the per-token speed-up
+(the paper reports 363x at A = 800 and 1,874x at A = 3,800 on GPU); ``fwd_ms`` is XL's time
+for one segment.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench import measure
+from bench.config import model_size
+from efficient.attention import attention_factory
+from efficient.models import CausalLM
+
+PAPER_SPEEDUP = {800: 363, 1800: 773, 2800: 1330, 3800: 1874}  # Dai et al. 2019, Table 9
+
+
+def run_xl_eval(cfg, device: str) -> dict:
+    span, tgt_len = cfg.seq_len, cfg.bench.tgt_len
+    if not 0 < tgt_len < span:
+        raise ValueError(f"bench.tgt_len must be between 1 and seq_len - 1 (the attention length), got {tgt_len}")
+    dtype = getattr(torch, cfg.dtype.value)
+    size, d, heads = model_size(cfg.model), cfg.model.d_model, cfg.model.n_heads
+    xl_options = {k: v for k, v in cfg.attention.items() if k not in ("name", "mem_len")}
+    xl = CausalLM(cfg.task.vocab_size, span, size, attention_factory("xl", d, heads, mem_len=span - tgt_len, **xl_options))
+    vanilla = CausalLM(cfg.task.vocab_size, span, size, attention_factory("full", d, heads))
+    xl, vanilla = (m.to(device=device, dtype=dtype).eval() for m in (xl, vanilla))
+    b = cfg.batch_size
+    window = torch.randint(cfg.task.vocab_size, (b, span), device=device)  # [b, A]
+    segment = window[:, -tgt_len:]
+    memories = [block.attention.example_state(b, device, dtype) for block in xl.encoder.blocks]
+
+    def xl_step():
+        with torch.no_grad():
+            xl(segment, states=memories)  # tgt_len predictions
+
+    def vanilla_step():
+        with torch.no_grad():
+            vanilla(window)  # one prediction: the last position
+
+    warmup, repeats = cfg.bench.warmup, cfg.bench.repeats
+    t_xl = measure.time_ms(xl_step, device, warmup, repeats)
+    t_vanilla = measure.time_ms(vanilla_step, device, warmup, repeats)
+    xl_per_token = t_xl["median"] / tgt_len
+    speedup = t_vanilla["median"] / xl_per_token
+    paper = PAPER_SPEEDUP.get(span)
+    return {
+        "fwd_ms": t_xl["median"], "fwd_ms_p20": t_xl["p20"], "fwd_ms_p80": t_xl["p80"],
+        "fwd_tokens_per_s": b * tgt_len / (t_xl["median"] / 1e3),
+        "metric": "eval_speedup_per_token", "value": speedup,
+        "extra": {
+            "attention_length": span, "tgt_len": tgt_len, "mem_len": span - tgt_len,
+            "xl_ms_per_token": xl_per_token, "vanilla_ms_per_token": t_vanilla["median"],
+            "vanilla_ms_p20": t_vanilla["p20"], "vanilla_ms_p80": t_vanilla["p80"],
+            "paper_speedup": paper, "ratio_to_paper": speedup / paper if paper else None,
+        },
+    }
