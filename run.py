@@ -52,15 +52,15 @@ def main(cfg) -> None:
 
 
 def summary_line(r: dict) -> str:
+    """One line per job: the status, and whichever measurements the record has."""
     cell = f"{tracking.run_name(r)}:"
     if r["status"] != "ok":
         return f"{cell} {r['status']}: {r['reason']}"
-    parts = [f"fwd {r['fwd_ms']:.3g} ms"]
-    if r.get("fwd_bwd_ms") is not None:
-        parts.append(f"fwd+bwd {r['fwd_bwd_ms']:.3g} ms")
-    parts.append(f"peak {r['peak_mem_mib']:.4g} MiB")
-    if r.get("max_abs_err") is not None:
-        parts.append(f"err {r['max_abs_err']:.1e}")
+    shown = [("fwd_ms", "fwd {:.3g} ms"), ("fwd_bwd_ms", "fwd+bwd {:.3g} ms"),
+             ("peak_mem_mib", "peak {:.4g} MiB"), ("max_abs_err", "err {:.1e}")]
+    parts = [fmt.format(r[key]) for key, fmt in shown if r.get(key) is not None]
+    if r.get("metric") is not None:
+        parts.append(f"{r['metric']} {r['value']:.4g}")
     return f"{cell} ok: " + ", ".join(parts)
 
 

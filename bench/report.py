@@ -28,7 +28,7 @@ QUANTITIES: list[tuple[str, str, Callable[[float], str]]] = [
     ("fwd_peak_mem_mib", "Peak memory above inputs, MiB (forward, no grad)", lambda v: f"{v:.4g}"),
     ("tflops", "Achieved forward TFLOP/s", lambda v: f"{v:.3g}"),
     ("max_abs_err", "Max abs error against the exact reference", lambda v: f"{v:.1e}"),
-    ("value", "Accuracy metric value", lambda v: f"{v:.4g}"),
+    ("value", "Metric value (the record's `metric`)", lambda v: f"{v:.4g}"),
 ]
 # Fields that tell cells apart beside the backend and the length.
 SETTINGS = ("dtype", "device", "causal", "scope", "batch_size", "d_model", "n_heads", "bench", "task")
