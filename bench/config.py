@@ -49,12 +49,9 @@ class Positional(Enum):
 
 
 @dataclass
-class ModelConfig:
-    d_model: int = 512
-    n_heads: int = 8
-    n_layers: int = 2
-    d_ff: int = 2048
-    dropout: float = 0.1
+class ModelConfig(ModelSize):
+    """The library's ModelSize, with its choices as enums so that Hydra validates them."""
+
     norm: Norm = Norm.pre
     positional: Positional = Positional.sinusoidal
 

@@ -76,6 +76,11 @@ class EncoderClassifier(nn.Module):
         return self.head(pooled)
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits are upcast for the loss; float64 stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class CausalLM(nn.Module):
     """tokens [b, n] -> next-token logits [b, n, vocab]; output weights tied to the embedding."""
 
@@ -93,4 +98,4 @@ class CausalLM(nn.Module):
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits, _ = self(tokens)
-        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return nn.functional.cross_entropy(at_least_float32(logits).flatten(0, 1), targets.flatten())

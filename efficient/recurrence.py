@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from efficient.models import CausalLM
+from efficient.models import CausalLM, at_least_float32
 
 
 def ordered_columns(stream: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -43,7 +43,7 @@ def set_mem_len(model: nn.Module, mem_len: int) -> None:
 def segment_loss(model: CausalLM, inputs, targets, states):
     """(mean cross-entropy in nats over the segment's tokens, the layers' new memories)."""
     logits, states = model(inputs, states=states)
-    loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    loss = nn.functional.cross_entropy(at_least_float32(logits).flatten(0, 1), targets.flatten())
     return loss, states
 
 

@@ -44,6 +44,11 @@ def test_predicted_oom_is_recorded_without_running():
     assert r["fwd_ms"] is None and records.validate(r) == []
 
 
+def test_linformer_causal_is_an_unsupported_record():
+    r = speed_record("attention=linformer", "causal=true")
+    assert r["status"] == "unsupported" and r["reason"] == "linformer cannot be causal"
+
+
 def test_unavailable_device_is_unsupported():
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")

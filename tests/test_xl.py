@@ -196,3 +196,49 @@ def test_xl_model_has_no_absolute_positions():
     size = ModelSize(d_model=D, n_heads=H, n_layers=1, d_ff=32, positional="sinusoidal")
     model = CausalLM(10, 16, size, attention_factory("xl", D, H))
     assert model.encoder.positions.kind == "none"
+
+
+# -- the segment-recurrent runner ------------------------------------------------------------
+from efficient.recurrence import evaluate_stream, ordered_columns, segments, set_mem_len  # noqa: E402
+
+
+def test_columns_are_contiguous_and_segments_in_order():
+    stream = torch.arange(23)
+    columns = ordered_columns(stream, 3)  # 7 tokens per column, the tail dropped
+    assert columns.tolist()[1] == list(range(7, 14))
+    pieces = list(segments(columns, 4))
+    assert [tuple(i.shape) for i, _ in pieces] == [(3, 4), (3, 2)]  # 6 inputs per column
+    inputs = torch.cat([i for i, _ in pieces], dim=1)
+    targets = torch.cat([t for _, t in pieces], dim=1)
+    assert torch.equal(inputs, columns[:, :-1]) and torch.equal(targets, columns[:, 1:])
+
+
+def test_streamed_evaluation_equals_the_windowed_one_pass_loss():
+    """evaluate_stream carries each column's memory: its loss is the one-pass windowed loss."""
+    torch.manual_seed(0)
+    L, M = 4, 6
+    size = ModelSize(d_model=D, n_heads=H, n_layers=2, d_ff=32, dropout=0.0)
+    model = CausalLM(30, 64, size, attention_factory("xl", D, H, mem_len=M)).double()
+    columns = ordered_columns(torch.randint(30, (2 * 17,)), 2)  # 2 columns of 17 tokens
+    streamed = evaluate_stream(model, columns, tgt_len=L)
+    T = columns.shape[1] - 1
+    p, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    window = (j >= (p // L) * L - M) & (j <= p)
+    for block in model.encoder.blocks:
+        block.attention.visible = lambda n, klen, m, kpm, causal, device: window[None, None]
+    with torch.no_grad():
+        logits, _ = model(columns[:, :-1])
+    one_pass = torch.nn.functional.cross_entropy(logits.flatten(0, 1), columns[:, 1:].flatten()).item()
+    assert abs(streamed - one_pass) < 1e-10
+
+
+def test_evaluation_can_use_a_longer_memory_than_training():
+    size = ModelSize(d_model=D, n_heads=H, n_layers=2, d_ff=32, dropout=0.0)
+    model = CausalLM(30, 64, size, attention_factory("xl", D, H, mem_len=2)).double()
+    columns = ordered_columns(torch.randint(30, (64,)), 2)
+    short = evaluate_stream(model, columns, tgt_len=4)
+    longer = evaluate_stream(model, columns, tgt_len=4, mem_len=12)
+    assert all(b.attention.mem_len == 12 for b in model.encoder.blocks)
+    assert short != longer
+    set_mem_len(model, 0)
+    assert evaluate_stream(model, columns, tgt_len=4) != short

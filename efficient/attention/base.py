@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -258,6 +259,7 @@ def attention_factory(name: str, d_model: int, n_heads: int, dropout: float = 0.
     return get_backend(name).layer_factory(d_model, n_heads, dropout, **options)
 
 
+@functools.lru_cache(maxsize=None)
 def option_defaults(cls: type[Attention]) -> dict[str, Any]:
     """The backend's options and defaults: the keyword-only arguments of its ``__init__``."""
     params = inspect.signature(cls.__init__).parameters.values()

@@ -71,11 +71,11 @@ class XFormersAttention(ProjectedAttention):
 
     @classmethod
     def unsupported_reason(cls, cell: Cell, op: Op | str = Op.auto, **options) -> str | None:
-        if cell.dtype in ("float32", "float16", "bfloat16"):
-            problem = xformers_problem(cell.device, cell.dtype, as_value(op))
-            if problem:
-                return problem
-        return super().unsupported_reason(cell)
+        """The capability check, followed by xformers' own words where it has something to say."""
+        reasons = [super().unsupported_reason(cell)]
+        if cell.dtype in cls.capabilities.dtypes:
+            reasons.append(xformers_problem(cell.device, cell.dtype, as_value(op)))
+        return "; ".join(r for r in reasons if r) or None
 
     def attend(self, q, k, v, key_padding_mask, causal):
         import xformers.ops as xops

@@ -176,15 +176,18 @@ class XLAttention(Attention):
         return h[:, -self.mem_len :].detach()
 
     @classmethod
-    def flops(cls, shape: Shape, mem_len: int = 0, **options) -> float:
-        """AC, BD and the value sum: 3 x 2*B*H*n*klen*D (full has 2), on the visible share."""
-        n, klen = shape.q_len, shape.q_len + mem_len
-        visible = (mem_len + (n + 1) / 2) / klen if shape.causal else 1.0
+    def flops(cls, shape: Shape, **options) -> float:
+        """AC, BD and the value sum: 3 x 2*B*H*n*klen*D (full has 2), on the visible share.
+
+        ``shape.k_len`` is the key length: the memory plus the segment.
+        """
+        n, klen = shape.q_len, shape.k_len
+        visible = (klen - n + (n + 1) / 2) / klen if shape.causal else 1.0
         core = 6.0 * shape.batch * shape.n_heads * n * klen * shape.head_dim * visible
         return core + 2.0 * klen * shape.d_model * shape.d_model  # W_R R
 
     @classmethod
-    def memory_bytes(cls, shape: Shape, training: bool, mem_len: int = 0, **options) -> float:
-        klen = shape.q_len + mem_len
-        scores = shape.batch * shape.n_heads * shape.q_len * klen * 4
+    def memory_bytes(cls, shape: Shape, training: bool, **options) -> float:
+        # AC, BD, their sum and the probabilities, [b, h, n, klen] in float32.
+        scores = shape.batch * shape.n_heads * shape.q_len * shape.k_len * 4
         return scores * (7 if training else 5) + super().memory_bytes(shape, training)
