@@ -33,7 +33,7 @@ def default_sweep() -> list[str]:
     if torch.cuda.is_available():
         device, extra = "cuda", ["model=gpu_d128", "dtype=bfloat16", f"seq_len={GPU_LADDER}"]
     else:
-        device, extra = "cpu", [f"seq_len={CPU_LADDER}", "bench.repeats=5"]
+        device, extra = "cpu", [f"seq_len={CPU_LADDER}", "bench.warmup=1", "bench.repeats=3"]
     runnable = [n for n in backend_names() if get_backend(n).unsupported_reason(Cell(device, "float32")) is None]
     return ["--multirun", f"attention={','.join(runnable)}", f"device={device}", *extra]
 
