@@ -1,0 +1,109 @@
+"""bench.pick on hand-made records: ranking, exclusions with reasons, extrapolation."""
+
+import json
+
+import pytest
+
+from bench.pick import main, pick
+
+LENGTHS = (1024, 2048, 4096)
+
+
+def speed(attention, n, fwd_bwd_ms=None, memory=None, status="ok", reason=None, device="cpu", causal=False, **extra):
+    return {"bench": "speed", "attention": attention, "attention_options": {}, "seq_len": n, "status": status,
+            "reason": reason, "device": device, "dtype": "float32", "causal": causal, "scope": "attention",
+            "batch_size": 1, "d_model": 512, "n_heads": 8, "fwd_ms": fwd_bwd_ms and fwd_bwd_ms / 3,
+            "fwd_bwd_ms": fwd_bwd_ms, "fwd_peak_mem_mib": memory and memory / 2, "fwd_bwd_peak_mem_mib": memory,
+            **extra}
+
+
+def accuracy(attention, task, value):
+    return {"bench": "accuracy", "attention": attention, "attention_options": {}, "task": task, "status": "ok",
+            "metric": "test_accuracy", "value": value, "seq_len": 512, "device": "cpu", "dtype": "float32"}
+
+
+def quadratic(name, scale=1.0):
+    return [speed(name, n, scale * (n / 1024) ** 2, 100 * (n / 1024) ** 2) for n in LENGTHS]
+
+
+def linear(name, scale=1.0):
+    return [speed(name, n, scale * 3 * n / 1024, 10 * n / 1024) for n in LENGTHS]
+
+
+def names(items):
+    return [i.backend for i in items]
+
+
+def test_ranks_measured_backends_by_time():
+    records = linear("chunked", 2.0) + linear("sdpa") + quadratic("full")
+    rec = pick(records, 4096)
+    assert names(rec.ranked) == ["sdpa", "full", "chunked"]  # 12, 16 and 24 ms at 4096
+    assert all(not c.extrapolated and c.basis == "measured at n=4096" for c in rec.ranked)
+    assert "sdpa is recommended" in rec.justification
+
+
+def test_extrapolates_power_laws_and_flags_it():
+    rec = pick(quadratic("full") + linear("sdpa"), 16384)
+    full = next(c for c in rec.ranked if c.backend == "full")
+    assert full.extrapolated and full.time_ms == pytest.approx(256.0) and full.memory_mib == pytest.approx(25600)
+    assert "time ~ n^2.00, memory ~ n^2.00, fit spread ±0%" in full.basis
+    assert "extrapolated" in rec.justification
+
+
+def test_memory_budget_excludes_with_the_prediction():
+    rec = pick(quadratic("full") + linear("sdpa"), 16384, memory_budget_gib=2)
+    assert names(rec.ranked) == ["sdpa"]
+    (reason,) = [e.reason for e in rec.excluded if e.backend == "full"]
+    assert reason.startswith("predicted peak 25.00 GiB exceeds the 2 GiB budget (extrapolated")
+
+
+def test_measured_oom_and_unsupported_are_excluded_with_their_reasons():
+    records = quadratic("full") + [speed("full", 8192, status="oom", reason="predicted 40 GiB > budget")]
+    records += linear("sdpa") + [speed("linformer", 4096, status="unsupported", reason="linformer cannot be causal",
+                                       causal=True)]
+    records += [speed("sdpa", n, 1.0 * n / 1024, 10, causal=True) for n in LENGTHS]
+    rec = pick(records, 16384)
+    assert "out of memory already at n=8192" in dict((e.backend, e.reason) for e in rec.excluded)["full"]
+    causal = pick(records, 4096, causal=True)
+    assert names(causal.ranked) == ["sdpa"]
+    assert dict((e.backend, e.reason) for e in causal.excluded)["linformer"] == "unsupported: linformer cannot be causal"
+
+
+def test_approximate_backends_need_accuracy_evidence():
+    records = linear("sdpa", 5.0) + linear("linformer")
+    rec = pick(records, 4096)
+    assert names(rec.ranked) == ["sdpa"] and "accuracy evidence" in rec.excluded[0].reason
+    assert names(pick(records, 4096, allow_approximate=True).ranked) == ["linformer", "sdpa"]
+    records += [accuracy("linformer", "listops", 0.36), accuracy("sdpa", "listops", 0.37)]
+    assert names(pick(records, 4096, min_accuracy={"listops": 0.35}).ranked) == ["linformer", "sdpa"]
+
+
+def test_accuracy_floor_excludes_backends_below_it_or_unmeasured():
+    records = linear("sdpa") + linear("linformer") + linear("chunked", 2.0)
+    records += [accuracy("linformer", "listops", 0.30), accuracy("sdpa", "listops", 0.37)]
+    rec = pick(records, 4096, min_accuracy={"listops": 0.35})
+    assert names(rec.ranked) == ["sdpa"] and rec.ranked[0].accuracy == {"listops": 0.37}
+    reasons = dict((e.backend, e.reason) for e in rec.excluded)
+    assert reasons["linformer"] == "listops test_accuracy 0.3 is below the floor 0.35"
+    assert reasons["chunked"] == "no accuracy measured on listops (floor 0.35)"
+
+
+def test_other_devices_and_too_few_points():
+    records = linear("sdpa") + [speed("xformers", 4096, 1.0, 5.0, device="cuda"), speed("flex", 1024, 1.0, 5.0)]
+    rec = pick(records, 8192, device="cpu")
+    reasons = dict((e.backend, e.reason) for e in rec.excluded)
+    assert reasons["xformers"].startswith("not measured on cpu")
+    assert reasons["flex"].startswith("too few measurements to extrapolate to n=8192")
+
+
+def test_cli_json_and_table(tmp_path, capsys):
+    for i, r in enumerate(linear("sdpa") + quadratic("full")):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "result.json").write_text(json.dumps(r))
+    assert main([str(tmp_path), "--seq-len", "16384", "--memory-budget", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ranked"][0]["backend"] == "sdpa" and out["excluded"][0]["backend"] == "full"
+    assert main([str(tmp_path), "--seq-len", "4096"]) == 0
+    assert "| 1 | sdpa | yes |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--seq-len", "4096", "--min-accuracy", "listops"])
