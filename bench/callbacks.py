@@ -7,7 +7,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from bench import report
+from bench import report, tracking
 
 
 class SweepReport(Callback):
@@ -23,3 +23,4 @@ class SweepReport(Callback):
         (sweep_dir / "report.md").write_text(text)
         report.write_csv(rows, sweep_dir / "results.csv")
         print(f"Report: {sweep_dir / 'report.md'}   CSV: {sweep_dir / 'results.csv'}")
+        tracking.log_sweep_table(config, rows, sweep_dir)

@@ -1,6 +1,7 @@
 """Comparison tables over a folder of result records.
 
-    python -m bench.report PATH [--markdown FILE] [--csv FILE]
+    python -m bench.report PATH [--markdown FILE] [--csv FILE] [--baseline LABEL]
+                                [--html FILE [--pareto-len N]]
 
 Reads every ``result.json`` under PATH and prints, per measured quantity, a table of
 backend x seq_len; a cell that did not run shows its status (oom, unsupported, error), and
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("path", type=Path, help="a folder of result.json files (searched recursively)")
     parser.add_argument("--markdown", type=Path, help="also write the tables as Markdown here")
     parser.add_argument("--csv", type=Path, help="also write one row per record as CSV here")
+    parser.add_argument("--html", type=Path, help="also write a self-contained HTML page with plots (PNGs beside it)")
+    parser.add_argument("--pareto-len", type=int, help="the length of the Pareto plot (default: the longest measured)")
     parser.add_argument("--baseline", help="a backend label (e.g. full, sdpa[kernel=flash]): add tables of "
                         "its time and memory divided by every other backend's")
     args = parser.parse_args(argv)
@@ -193,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         args.markdown.write_text(text)
     if args.csv:
         write_csv(rows, args.csv)
+    if args.html:
+        from bench.html_report import write_html  # matplotlib is needed only here
+
+        pngs = write_html(rows, args.html, args.pareto_len)
+        print(f"HTML report: {args.html} (plots: {', '.join(p.name for p in pngs)})")
     return 0
 
 

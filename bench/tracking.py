@@ -18,6 +18,9 @@ from typing import Any, Iterator
 from bench.records import cell_label
 
 SUMMARY_SKIP = {"config", "versions", "traceback", "attention_options"}
+# How W&B summarises each metric across a run's history (shown in the runs table and panels).
+SUMMARIES = {"fwd_ms": "min", "fwd_bwd_ms": "min", "peak_mem_mib": "max", "tflops": "max",
+             "max_abs_err": "max", "value": "last", "val_accuracy": "max", "train_loss": "min"}
 
 
 def wandb_mode(cfg) -> str:
@@ -50,6 +53,32 @@ class Tracker:
         self.run.summary.update(summary)
 
 
+def log_sweep_table(cfg, rows: list[dict[str, Any]], sweep_dir: Path) -> None:
+    """One W&B run per sweep holding a Table of every cell (status and reason included)."""
+    mode = wandb_mode(cfg)
+    if mode == "disabled" or not rows:
+        return
+    try:
+        import wandb
+
+        columns = [k for k in rows[0] if k not in SUMMARY_SKIP and not k.startswith("_") and k not in ("config", "extra")]
+        table = wandb.Table(columns=["cell", *columns],
+                            data=[[run_name(r), *[table_value(r.get(k)) for k in columns]] for r in rows])
+        run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, mode=mode, dir=str(sweep_dir),
+                         group=sweep_dir.name, name=f"{sweep_dir.name}-cells", job_type="sweep-table",
+                         tags=["sweep-table", *cfg.wandb.tags],
+                         settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
+                         reinit="finish_previous")
+        run.log({"cells": table})
+        run.finish()
+    except Exception as e:  # the report files are already written
+        warnings.warn(f"W&B sweep table not logged ({type(e).__name__}: {e})")
+
+
+def table_value(value: Any) -> Any:
+    return value if value is None or isinstance(value, (int, float, str, bool)) else str(value)
+
+
 @contextlib.contextmanager
 def wandb_run(cfg, record: dict[str, Any], output_dir: Path, group: str | None) -> Iterator[Tracker]:
     """Start the job's W&B run (config = the resolved config), yield a Tracker, always finish."""
@@ -73,6 +102,8 @@ def wandb_run(cfg, record: dict[str, Any], output_dir: Path, group: str | None) 
         warnings.warn(f"W&B run not started ({type(e).__name__}: {e}); results are still written")
         yield Tracker()
         return
+    for metric, summary in SUMMARIES.items():
+        run.define_metric(metric, summary=summary)
     exit_code = 1
     try:
         yield Tracker(run)

@@ -69,7 +69,7 @@ def key_chunk_step(acc, row_max, row_sum, q, k, v, padding, q_position, k_start,
     accumulate = acc.dtype
     scores = einsum(q, k.to(accumulate), "b h c d, b h k d -> b h c k")
     visible = None
-    if causal:
+    if causal and k_start + k.shape[-2] - 1 > q_position:  # only chunks crossing the diagonal need a mask
         i = torch.arange(q.shape[-2], device=q.device)[:, None] + q_position
         j = torch.arange(k.shape[-2], device=q.device)[None, :] + k_start
         visible = j <= i  # [c, kc]
