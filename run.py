@@ -45,7 +45,7 @@ def main(cfg) -> None:
     group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
     record = new_record(cfg)
     with tracking.wandb_run(cfg, record, output_dir, group) as tracker:
-        record = run_job(cfg, record)
+        record = run_job(cfg, record, tracker, output_dir)
         records.write_atomic(output_dir / records.RESULT_FILE, record)
         tracker.summarize(record)
     print(summary_line(record))

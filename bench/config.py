@@ -86,6 +86,33 @@ class XLEvalBenchConfig:
 
 
 @dataclass
+class AccuracyBenchConfig:
+    name: str = "accuracy"
+    steps: int = 2000
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.01
+    warmup_steps: int = 100  # linear warm-up, then cosine decay to zero
+    clip: float = 1.0  # gradient norm clipping
+    eval_every: int = 200  # validation accuracy (and checkpoints) every this many steps
+    amp: bool = True  # bf16 autocast on GPU
+    resume: bool = False  # continue from last.pt in the output folder
+    progress: bool = True  # the progress bar
+
+
+@dataclass
+class ListOpsTaskConfig:
+    name: str = "listops"
+    data_dir: Optional[str] = None  # a folder with LRA's basic_{train,val,test}.tsv; None: generate
+    n_train: int = 20000
+    n_val: int = 1000
+    n_test: int = 2000
+    min_length: int = 500  # LRA: 500-2000 tokens, depth <= 10, <= 10 arguments
+    max_length: int = 2000
+    max_depth: int = 10
+    max_args: int = 10
+
+
+@dataclass
 class TaskConfig:
     name: str = "synthetic"  # random inputs for speed and memory
     vocab_size: int = 256  # token ids drawn for the `model` scope
@@ -121,6 +148,8 @@ def register_configs() -> None:
     cs.store(group="schema/bench", name="speed", node=SpeedBenchConfig)
     cs.store(group="schema/bench", name="xl_eval", node=XLEvalBenchConfig)
     cs.store(group="schema/task", name="synthetic", node=TaskConfig)
+    cs.store(group="schema/task", name="listops", node=ListOpsTaskConfig)
+    cs.store(group="schema/bench", name="accuracy", node=AccuracyBenchConfig)
     cs.store(group="schema/model", name="model", node=ModelConfig)
     for name in backend_names():
         cs.store(group="schema/attention", name=name, node=options_schema(get_backend(name)))

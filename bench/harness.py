@@ -17,9 +17,11 @@ from omegaconf import OmegaConf
 from efficient.attention import Cell, Unsupported, get_backend
 from bench import measure, records
 from bench.speed import PredictedOOM, attention_options, run_speed
+from bench.accuracy import run_accuracy
 from bench.xl_eval import run_xl_eval
 
-BENCHES = {"speed": run_speed, "xl_eval": run_xl_eval}
+# name -> run(cfg, device, tracker=None, output_dir=None) -> the record's measured fields
+BENCHES = {"speed": run_speed, "xl_eval": run_xl_eval, "accuracy": run_accuracy}
 
 
 def new_record(cfg) -> dict:
@@ -60,7 +62,7 @@ def describe_cell(cfg) -> dict:
     }
 
 
-def run_job(cfg, record: dict | None = None) -> dict:
+def run_job(cfg, record: dict | None = None, tracker=None, output_dir=None) -> dict:
     """Measure the cell ``cfg`` names and return its record (status set, never raises)."""
     started = time.perf_counter()
     record = record if record is not None else new_record(cfg)
@@ -72,7 +74,7 @@ def run_job(cfg, record: dict | None = None) -> dict:
         record["threads"] = torch.get_num_threads()
         check_supported(cfg, device)
         torch.manual_seed(cfg.seed)
-        record.update(BENCHES[cfg.bench.name](cfg, device))
+        record.update(BENCHES[cfg.bench.name](cfg, device, tracker=tracker, output_dir=output_dir))
         record["status"] = "ok"
     except Unsupported as e:
         record.update(status="unsupported", reason=str(e))

@@ -150,7 +150,7 @@ def max_abs_error(subject: Subject, device: str) -> tuple[float, str]:
     return error, f"exact attention, same parameters, {str(ref_dtype).removeprefix('torch.')} on {device}"
 
 
-def run_speed(cfg, device: str) -> dict:
+def run_speed(cfg, device: str, **context) -> dict:
     """Measure one cell; raises Unsupported / PredictedOOM / torch.OutOfMemoryError."""
     dtype = getattr(torch, cfg.dtype.value)
     shape = cell_shape(cfg)

@@ -21,7 +21,7 @@ from efficient.models import CausalLM
 PAPER_SPEEDUP = {800: 363, 3800: 1874}  # Dai et al. 2019 (as quoted in DESIGN.md section 6)
 
 
-def run_xl_eval(cfg, device: str) -> dict:
+def run_xl_eval(cfg, device: str, **context) -> dict:
     span, tgt_len = cfg.seq_len, cfg.bench.tgt_len
     if not 0 < tgt_len < span:
         raise ValueError(f"bench.tgt_len must be between 1 and seq_len - 1 (the attention length), got {tgt_len}")

@@ -1,0 +1,183 @@
+"""``bench=accuracy``: train a model with any backend on a task, then evaluate it.
+
+The loop users expect: AdamW, linear warm-up then cosine decay, gradient clipping, bf16
+autocast on GPU, validation every ``eval_every`` steps, the best weights on validation kept
+(``best.pt``, weights only, loaded with ``weights_only=True``), a progress bar, seeded data
+order and initialisation, and a clean resume from ``last.pt`` (``bench.resume=true``: model,
+optimiser, schedule, step and data-order state). The learning curve goes to the W&B run's
+history; the record gets the test metric, throughput, peak memory, wall time and steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from bench import measure
+from bench.config import model_size
+from bench.speed import attention_options
+from efficient.attention import attention_factory, get_backend
+from efficient.models import EncoderClassifier
+from efficient.tasks import listops
+
+
+@dataclass
+class Split:
+    tokens: torch.Tensor  # [N, seq_len] token ids, padded with 0
+    mask: torch.Tensor  # [N, seq_len] True = real token
+    labels: torch.Tensor  # [N]
+
+
+def encode(examples: list[listops.Example], seq_len: int) -> Split:
+    too_long = max(len(e.tokens) for e in examples)
+    if too_long > seq_len:
+        raise ValueError(f"an example has {too_long} tokens but seq_len is {seq_len}: raise seq_len")
+    tokens = torch.full((len(examples), seq_len), listops.PAD, dtype=torch.long)
+    for i, e in enumerate(examples):
+        tokens[i, : len(e.tokens)] = torch.tensor([listops.TOKEN_ID[t] for t in e.tokens])
+    return Split(tokens, tokens != listops.PAD, torch.tensor([e.label for e in examples]))
+
+
+def listops_splits(task, seq_len: int, seed: int) -> dict[str, Split]:
+    """LRA's TSV files when ``task.data_dir`` is set, else generated splits (seeded, disjoint seeds)."""
+    if task.data_dir:
+        folder = Path(task.data_dir)
+        files = {"train": "basic_train.tsv", "val": "basic_val.tsv", "test": "basic_test.tsv"}
+        return {split: encode(listops.load_tsv(folder / name), seq_len) for split, name in files.items()}
+    sizes = {"train": task.n_train, "val": task.n_val, "test": task.n_test}
+    return {
+        split: encode(listops.generate(n, seed=seed * 1000 + i, min_length=task.min_length,
+                                       max_length=task.max_length, max_depth=task.max_depth, max_args=task.max_args),
+                      seq_len)
+        for i, (split, n) in enumerate(sizes.items())
+    }
+
+
+TASKS = {"listops": (listops_splits, len(listops.VOCAB), listops.N_CLASSES)}
+
+
+def learning_rate(step: int, warmup: int, total: int) -> float:
+    """Multiplier of the peak rate: linear warm-up, then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def accuracy_of(model: nn.Module, split: Split, batch_size: int, device: str, autocast) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(split.labels), batch_size):
+        tokens, mask = (t[start : start + batch_size].to(device) for t in (split.tokens, split.mask))
+        with autocast():
+            logits = model(tokens, mask)
+        correct += (logits.argmax(-1).cpu() == split.labels[start : start + batch_size]).sum().item()
+    model.train()
+    return correct / len(split.labels)
+
+
+def run_accuracy(cfg, device: str, tracker=None, output_dir: Path | None = None) -> dict:
+    bench, task = cfg.bench, cfg.task
+    if task.name not in TASKS:
+        raise ValueError(f"bench=accuracy has no task {task.name!r}; valid: {', '.join(TASKS)}")
+    make_splits, vocab_size, n_classes = TASKS[task.name]
+    output_dir = Path(output_dir or ".")
+    torch.manual_seed(cfg.seed)
+    splits = make_splits(task, cfg.seq_len, cfg.seed)
+
+    options = attention_options(cfg)
+    if get_backend(cfg.attention.name).capabilities.needs_max_len and options.get("max_len") is None:
+        options["max_len"] = cfg.seq_len
+    size = model_size(cfg.model)
+    make = attention_factory(cfg.attention.name, size.d_model, size.n_heads, size.dropout, **options)
+    model = EncoderClassifier(vocab_size, n_classes, cfg.seq_len, size, make).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=bench.lr, weight_decay=bench.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate(step, bench.warmup_steps, bench.steps))
+    order = torch.Generator().manual_seed(cfg.seed)  # the data order, saved with the checkpoint
+    step, best_val, best_step = 0, -1.0, 0
+    permutation, position = None, 0
+    last, best = output_dir / "last.pt", output_dir / "best.pt"
+    if bench.resume and last.exists():
+        state = torch.load(last, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        order.set_state(state["order"])
+        step, best_val, best_step = state["step"], state["best_val"], state["best_step"]
+        permutation, position = state["permutation"], state["position"]
+        torch.set_rng_state(state["rng"])  # dropout masks continue as if never stopped
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and bench.amp)
+
+    train = splits["train"]
+    batch = cfg.batch_size
+    if step == 0:
+        permutation, position = torch.randperm(len(train.labels), generator=order), 0
+    started, tokens_seen = time.perf_counter(), 0
+    model.train()
+    progress = tqdm(total=bench.steps, initial=step, desc=f"{cfg.attention.name} {task.name}", mininterval=5,
+                    disable=not bench.progress)
+    while step < bench.steps:
+        if position + batch > len(permutation):  # a new epoch, a new order
+            permutation, position = torch.randperm(len(train.labels), generator=order), 0
+        index = permutation[position : position + batch]
+        position += batch
+        tokens, mask, labels = train.tokens[index].to(device), train.mask[index].to(device), train.labels[index].to(device)
+        with autocast():
+            loss = nn.functional.cross_entropy(model(tokens, mask).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), bench.clip)
+        optimizer.step()
+        schedule.step()
+        step += 1
+        tokens_seen += int(mask.sum())
+        progress.update(1)
+        metrics = {"train_loss": loss.item(), "lr": schedule.get_last_lr()[0]}
+        if step % bench.eval_every == 0 or step == bench.steps:
+            metrics["val_accuracy"] = accuracy_of(model, splits["val"], batch, device, autocast)
+            progress.set_postfix(loss=f"{loss.item():.3f}", val=f"{metrics['val_accuracy']:.3f}")
+            if metrics["val_accuracy"] > best_val:
+                best_val, best_step = metrics["val_accuracy"], step
+                torch.save(model.state_dict(), best)
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "order": order.get_state(), "step": step,
+                        "permutation": permutation, "position": position, "rng": torch.get_rng_state(),
+                        "best_val": best_val, "best_step": best_step}, last)
+        if tracker is not None:
+            tracker.log(metrics, step=step)
+    progress.close()
+    train_s = time.perf_counter() - started
+
+    model.load_state_dict(torch.load(best, weights_only=True))
+    test_accuracy = accuracy_of(model, splits["test"], batch, device, autocast)
+
+    def one_step():
+        tokens, mask = train.tokens[:batch].to(device), train.mask[:batch].to(device)
+        nn.functional.cross_entropy(model(tokens, mask).float(), train.labels[:batch].to(device)).backward()
+        model.zero_grad(set_to_none=True)
+
+    peak = measure.peak_memory_bytes(one_step, device)
+    return {
+        "metric": "test_accuracy", "value": test_accuracy,
+        "fwd_bwd_tokens_per_s": tokens_seen / train_s if tokens_seen else None,  # real (unpadded) tokens
+        "peak_mem_mib": peak / measure.MIB, "fwd_bwd_peak_mem_mib": peak / measure.MIB,
+        "extra": {"best_val_accuracy": best_val, "best_step": best_step, "steps": step,
+                  "train_seconds": train_s, "n_train": len(train.labels), "n_test": len(splits["test"].labels),
+                  "majority_class_test_accuracy": majority_accuracy(splits)},
+    }
+
+
+def majority_accuracy(splits: dict[str, Split]) -> float:
+    """Test accuracy of always answering the training set's most frequent label."""
+    majority = torch.bincount(splits["train"].labels).argmax()
+    return (splits["test"].labels == majority).float().mean().item()

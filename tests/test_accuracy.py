@@ -1,0 +1,159 @@
+"""The accuracy track: ListOps' semantics, the LRA loader, and the training loop."""
+
+import pytest
+import torch
+
+from bench.accuracy import learning_rate, run_accuracy
+from bench.records import validate
+from conftest import compose
+from efficient.tasks import listops
+
+
+def tokens(text: str) -> list[str]:
+    return text.split()
+
+
+@pytest.mark.parametrize("expression,value", [
+    ("( ( ( [MAX 2 ) 9 ) ] )", 9),
+    ("( ( ( [MIN 4 ) 7 ) ] )", 4),
+    ("( ( ( ( ( [MED 1 ) 2 ) 3 ) 4 ) ] )", 2),  # median 2.5, rounded down
+    ("( ( ( ( [SM 5 ) 7 ) 9 ) ] )", 1),  # 21 mod 10
+    ("( ( ( ( ( [MAX 2 ) 9 ) ( ( ( [MIN 4 ) 7 ) ] ) ) 0 ) ] )", 9),
+    ("( ( ( [SM ( ( ( [MED 3 ) 8 ) ] ) ) ( ( ( [MAX 1 ) 6 ) ] ) ) ] )", 1),  # (5 + 6) mod 10
+])
+def test_hand_checked_expressions(expression, value):
+    assert listops.evaluate_tokens(tokens(expression)) == value
+
+
+def test_rendering_is_lras_left_nested_pairs():
+    tree = ("[MAX", [2, 9, ("[MIN", [4, 7]), 0])
+    assert " ".join(listops.to_tokens(tree)) == "( ( ( ( ( [MAX 2 ) 9 ) ( ( ( [MIN 4 ) 7 ) ] ) ) 0 ) ] )"
+    assert listops.value_of(tree) == 9
+
+
+def depth_and_arity(tokens: list[str]) -> tuple[int, int]:
+    depth = deepest = widest = 0
+    counts = []
+    for t in tokens:
+        if t in listops.OPERATORS:
+            depth += 1
+            deepest = max(deepest, depth)
+            if counts:
+                counts[-1] += 1
+            counts.append(0)
+        elif t == listops.END:
+            depth -= 1
+            widest = max(widest, counts.pop())
+        elif t.isdigit():
+            counts[-1] += 1
+    return deepest, widest
+
+
+def test_generator_semantics_lengths_depth_arity_and_reproducibility():
+    examples = listops.generate(200, seed=3, min_length=100, max_length=400, max_depth=10, max_args=10)
+    for e in examples:
+        assert 100 <= len(e.tokens) <= 400
+        assert listops.evaluate_tokens(e.tokens) == e.label
+        depth, arity = depth_and_arity(e.tokens)
+        assert depth <= 10 and 2 <= arity <= 10
+    again = listops.generate(200, seed=3, min_length=100, max_length=400)
+    assert [e.tokens for e in again] == [e.tokens for e in examples]
+    assert listops.generate(5, seed=4, min_length=100, max_length=400)[0].tokens != examples[0].tokens
+
+
+def test_label_balance_is_close_to_lras():
+    """LRA's ListOps: labels 0 and 9 about 17% each, the others rarer."""
+    labels = torch.tensor([e.label for e in listops.generate(600, seed=0)])  # LRA's 500-2000 tokens
+    share = torch.bincount(labels, minlength=10).float() / len(labels)
+    assert 0.12 < share[0] < 0.24 and 0.12 < share[9] < 0.24
+    assert share[1:9].max() < share[0] and share[1:9].max() < share[9]
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_loader_reads_lras_tsv(tmp_path):
+    f = write(tmp_path / "basic_train.tsv", "Source\tTarget\n( ( ( [MAX 2 ) 9 ) ] )\t9\n( ( ( [SM 5 ) 7 ) ] )\t2\n")
+    examples = listops.load_tsv(f)
+    assert [e.label for e in examples] == [9, 2] and examples[0].tokens[3] == "[MAX"
+
+
+def test_loader_names_the_missing_file_and_the_format(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.tsv not found: expected LRA's TSV \(header 'Source\\tTarget'"):
+        listops.load_tsv(tmp_path / "nope.tsv")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("Input\tLabel\n1\t1\n", ":1: expected the header"),
+    ("Source\tTarget\n( ( ( [MAX 2 ) 9 ) ] )\t9\n( [MAX 2 ] )\t2\textra\n", ":3: expected 2 tab-separated fields, got 3"),
+    ("Source\tTarget\n( ( ( [MAX 2 ) 9 ) ] )\t9\n( ( ( [POW 2 ) 9 ) ] )\t4\n", ":3: unknown token '\\[POW'"),
+    ("Source\tTarget\n( ( ( [MAX 2 ) 9 ) ] )\tnine\n", ":2: target 'nine' is not a digit 0-9"),
+])
+def test_loader_names_the_line_of_a_malformed_file(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        listops.load_tsv(write(tmp_path / "bad.tsv", text))
+
+
+def test_warmup_then_cosine_decay():
+    assert learning_rate(0, 10, 100) == pytest.approx(0.1) and learning_rate(9, 10, 100) == pytest.approx(1.0)
+    assert learning_rate(55, 10, 100) == pytest.approx(0.5) and learning_rate(100, 10, 100) == pytest.approx(0.0)
+
+
+TINY = ["bench=accuracy", "task=listops", "task.n_train=256", "task.n_val=64", "task.n_test=64",
+        "task.min_length=20", "task.max_length=60", "seq_len=60", "batch_size=16", "model.d_model=32",
+        "model.n_heads=2", "model.n_layers=1", "model.d_ff=64", "bench.lr=3e-3", "bench.warmup_steps=5",
+        "bench.progress=false", "device=cpu"]
+
+
+class StopAt:
+    """A tracker that interrupts training after a given step (a killed job)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def log(self, metrics, step):
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_training_reduces_loss_and_records_the_test_accuracy(tmp_path):
+    losses = []
+
+    class Recorder:
+        def log(self, metrics, step):
+            losses.append(metrics["train_loss"])
+
+    cfg = compose(*TINY, "bench.steps=60", "bench.eval_every=30")
+    result = run_accuracy(cfg, "cpu", tracker=Recorder(), output_dir=tmp_path)
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
+    assert result["metric"] == "test_accuracy" and 0.0 <= result["value"] <= 1.0
+    assert result["extra"]["steps"] == 60 and (tmp_path / "best.pt").exists()
+    torch.load(tmp_path / "best.pt", weights_only=True)  # weights only: loads safely
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    for folder in (straight, interrupted):
+        folder.mkdir()
+    cfg = compose(*TINY, "bench.steps=40", "bench.eval_every=20")
+    run_accuracy(cfg, "cpu", output_dir=straight)
+    with pytest.raises(KeyboardInterrupt):
+        run_accuracy(cfg, "cpu", tracker=StopAt(25), output_dir=interrupted)  # last.pt is at step 20
+    resumed = compose(*TINY, "bench.steps=40", "bench.eval_every=20", "bench.resume=true")
+    run_accuracy(resumed, "cpu", output_dir=interrupted)
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(interrupted / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 40
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_accuracy_job_record_and_missing_data(tmp_path):
+    from bench.harness import run_job
+
+    record = run_job(compose(*TINY, "bench.steps=10", "bench.eval_every=10"), output_dir=tmp_path)
+    assert record["status"] == "ok" and validate(record) == [] and record["metric"] == "test_accuracy"
+    missing = run_job(compose(*TINY, f"task.data_dir={tmp_path}/lra"), output_dir=tmp_path)
+    assert missing["status"] == "error" and "basic_train.tsv not found: expected LRA's TSV" in missing["reason"]
