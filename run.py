@@ -31,11 +31,11 @@ GPU_LADDER = "1024,2048,4096,8192,16384"
 def default_sweep() -> list[str]:
     """The overrides of the main job: every backend this device can run, a ladder of lengths."""
     if torch.cuda.is_available():
-        device, extra = "cuda", ["model=gpu_d128", "dtype=bfloat16", f"seq_len={GPU_LADDER}"]
+        device, dtype, extra = "cuda", "bfloat16", ["model=gpu_d128", f"seq_len={GPU_LADDER}"]
     else:
-        device, extra = "cpu", [f"seq_len={CPU_LADDER}", "bench.warmup=1", "bench.repeats=3"]
-    runnable = [n for n in backend_names() if get_backend(n).unsupported_reason(Cell(device, "float32")) is None]
-    return ["--multirun", f"attention={','.join(runnable)}", f"device={device}", *extra]
+        device, dtype, extra = "cpu", "float32", [f"seq_len={CPU_LADDER}", "bench.warmup=1", "bench.repeats=3"]
+    runnable = [n for n in backend_names() if get_backend(n).unsupported_reason(Cell(device, dtype)) is None]
+    return ["--multirun", f"attention={','.join(runnable)}", f"device={device}", f"dtype={dtype}", *extra]
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -61,18 +61,25 @@ def log_sweep_table(cfg, rows: list[dict[str, Any]], sweep_dir: Path) -> None:
     try:
         import wandb
 
-        columns = [k for k in rows[0] if k not in SUMMARY_SKIP and not k.startswith("_") and k not in ("config", "extra")]
+        columns = [k for k in rows[0] if k not in SUMMARY_SKIP and k != "extra" and not k.startswith("_")]
         table = wandb.Table(columns=["cell", *columns],
                             data=[[run_name(r), *[table_value(r.get(k)) for k in columns]] for r in rows])
-        run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, mode=mode, dir=str(sweep_dir),
-                         group=sweep_dir.name, name=f"{sweep_dir.name}-cells", job_type="sweep-table",
-                         tags=["sweep-table", *cfg.wandb.tags],
-                         settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
-                         reinit="finish_previous")
+        run = start_run(cfg, mode, dir=str(sweep_dir), group=sweep_dir.name, name=f"{sweep_dir.name}-cells",
+                        job_type="sweep-table", tags=["sweep-table", *cfg.wandb.tags])
         run.log({"cells": table})
         run.finish()
     except Exception as e:  # the report files are already written
         warnings.warn(f"W&B sweep table not logged ({type(e).__name__}: {e})")
+
+
+def start_run(cfg, mode: str, **kwargs):
+    """wandb.init with the suite's settings: no console capture, no system-metric sampling
+    (it would compete with the timed code), quiet."""
+    import wandb
+
+    return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, mode=mode,
+                      settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
+                      reinit="finish_previous", **kwargs)
 
 
 def table_value(value: Any) -> Any:
@@ -87,16 +94,11 @@ def wandb_run(cfg, record: dict[str, Any], output_dir: Path, group: str | None) 
         yield Tracker()
         return
     try:
-        import wandb
-
-        run = wandb.init(
-            project=cfg.wandb.project, entity=cfg.wandb.entity, mode=mode, dir=str(output_dir),
-            group=group, name=run_name(record), job_type=record["bench"],
+        run = start_run(
+            cfg, mode, dir=str(output_dir), group=group, name=run_name(record), job_type=record["bench"],
             tags=[record["attention"], record["bench"], record["task"], record["device"],
                   record["dtype"], *cfg.wandb.tags],
             config={**record["config"], "cell": {k: record[k] for k in ("attention", "seq_len", "dtype", "device")}},
-            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
-            reinit="finish_previous",
         )
     except Exception as e:  # no account, no network, ... : keep measuring, say why
         warnings.warn(f"W&B run not started ({type(e).__name__}: {e}); results are still written")
