@@ -23,15 +23,15 @@ from bench import measure
 from bench.config import model_size
 from bench.speed import attention_options
 from efficient.attention import attention_factory, get_backend
-from efficient.models import EncoderClassifier
-from efficient.tasks import listops
+from efficient.models import CausalLM, EncoderClassifier
+from efficient.tasks import listops, recall
 
 
 @dataclass
 class Split:
     tokens: torch.Tensor  # [N, seq_len] token ids, padded with 0
     mask: torch.Tensor  # [N, seq_len] True = real token
-    labels: torch.Tensor  # [N]
+    labels: torch.Tensor  # [N] (classification) or [N, seq_len] (language modelling, -100 = not scored)
 
 
 def encode(examples: list[listops.Example], seq_len: int) -> Split:
@@ -59,7 +59,20 @@ def listops_splits(task, seq_len: int, seed: int) -> dict[str, Split]:
     }
 
 
-TASKS = {"listops": (listops_splits, len(listops.VOCAB), listops.N_CLASSES)}
+def recall_splits(task, seq_len: int, seed: int) -> dict[str, Split]:
+    sizes = {"train": task.n_train, "val": task.n_val, "test": task.n_test}
+    out = {}
+    for i, (split, n) in enumerate(sizes.items()):
+        tokens, labels = recall.generate(n, seq_len, task.n_pairs, task.n_queries, task.vocab_size, seed * 1000 + i)
+        out[split] = Split(tokens, torch.ones_like(tokens, dtype=torch.bool), labels)
+    return out
+
+
+# name -> (splits(task, seq_len, seed), vocabulary size, classes or None for a causal LM task)
+TASKS = {
+    "listops": (listops_splits, lambda task: len(listops.VOCAB), listops.N_CLASSES),
+    "recall": (recall_splits, lambda task: task.vocab_size, None),
+}
 
 
 def learning_rate(step: int, warmup: int, total: int) -> float:
@@ -70,24 +83,43 @@ def learning_rate(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def logits_of(model: nn.Module, tokens, mask) -> torch.Tensor:
+    """[b, classes] for a classifier, [b, n, vocab] for a causal LM."""
+    if isinstance(model, CausalLM):
+        return model(tokens)[0]
+    return model(tokens, mask)
+
+
+def loss_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=recall.IGNORE)
+
+
 @torch.no_grad()
 def accuracy_of(model: nn.Module, split: Split, batch_size: int, device: str, autocast) -> float:
+    """Share of scored targets predicted right (labels of -100 are not scored)."""
     model.eval()
-    correct = 0
+    correct = scored = 0
     for start in range(0, len(split.labels), batch_size):
         tokens, mask = (t[start : start + batch_size].to(device) for t in (split.tokens, split.mask))
+        labels = split.labels[start : start + batch_size]
         with autocast():
-            logits = model(tokens, mask)
-        correct += (logits.argmax(-1).cpu() == split.labels[start : start + batch_size]).sum().item()
+            predictions = logits_of(model, tokens, mask).argmax(-1).cpu()
+        scored_here = labels != recall.IGNORE
+        correct += (predictions[scored_here] == labels[scored_here]).sum().item()
+        scored += scored_here.sum().item()
     model.train()
-    return correct / len(split.labels)
+    return correct / scored
 
 
 def run_accuracy(cfg, device: str, tracker=None, output_dir: Path | None = None) -> dict:
     bench, task = cfg.bench, cfg.task
     if task.name not in TASKS:
         raise ValueError(f"bench=accuracy has no task {task.name!r}; valid: {', '.join(TASKS)}")
-    make_splits, vocab_size, n_classes = TASKS[task.name]
+    make_splits, vocab_size_of, n_classes = TASKS[task.name]
+    if (n_classes is None) != bool(cfg.causal):
+        kind = "a causal language-modelling task: set causal=true" if n_classes is None else \
+            "a classification task for an encoder: set causal=false"
+        raise ValueError(f"task {task.name} is {kind}")
     output_dir = Path(output_dir or ".")
     torch.manual_seed(cfg.seed)
     splits = make_splits(task, cfg.seq_len, cfg.seed)
@@ -97,7 +129,10 @@ def run_accuracy(cfg, device: str, tracker=None, output_dir: Path | None = None)
         options["max_len"] = cfg.seq_len
     size = model_size(cfg.model)
     make = attention_factory(cfg.attention.name, size.d_model, size.n_heads, size.dropout, **options)
-    model = EncoderClassifier(vocab_size, n_classes, cfg.seq_len, size, make).to(device)
+    if n_classes is None:
+        model = CausalLM(vocab_size_of(task), cfg.seq_len, size, make).to(device)
+    else:
+        model = EncoderClassifier(vocab_size_of(task), n_classes, cfg.seq_len, size, make).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=bench.lr, weight_decay=bench.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate(step, bench.warmup_steps, bench.steps))
@@ -133,7 +168,7 @@ def run_accuracy(cfg, device: str, tracker=None, output_dir: Path | None = None)
         position += batch
         tokens, mask, labels = train.tokens[index].to(device), train.mask[index].to(device), train.labels[index].to(device)
         with autocast():
-            loss = nn.functional.cross_entropy(model(tokens, mask).float(), labels)
+            loss = loss_of(logits_of(model, tokens, mask), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), bench.clip)
@@ -163,7 +198,7 @@ def run_accuracy(cfg, device: str, tracker=None, output_dir: Path | None = None)
 
     def one_step():
         tokens, mask = train.tokens[:batch].to(device), train.mask[:batch].to(device)
-        nn.functional.cross_entropy(model(tokens, mask).float(), train.labels[:batch].to(device)).backward()
+        loss_of(logits_of(model, tokens, mask), train.labels[:batch].to(device)).backward()
         model.zero_grad(set_to_none=True)
 
     peak = measure.peak_memory_bytes(one_step, device)
@@ -178,6 +213,7 @@ def run_accuracy(cfg, device: str, tracker=None, output_dir: Path | None = None)
 
 
 def majority_accuracy(splits: dict[str, Split]) -> float:
-    """Test accuracy of always answering the training set's most frequent label."""
-    majority = torch.bincount(splits["train"].labels).argmax()
-    return (splits["test"].labels == majority).float().mean().item()
+    """Test accuracy of always answering the training set's most frequent (scored) label."""
+    train, test = splits["train"].labels, splits["test"].labels
+    majority = torch.bincount(train[train != recall.IGNORE]).argmax()
+    return (test[test != recall.IGNORE] == majority).float().mean().item()

@@ -113,6 +113,17 @@ class ListOpsTaskConfig:
 
 
 @dataclass
+class RecallTaskConfig:
+    name: str = "recall"
+    vocab_size: int = 256  # padding, then keys, values and filler in three equal ranges
+    n_pairs: int = 16  # key-value pairs at the start of each sequence
+    n_queries: int = 16  # keys asked again at the end; their values are scored
+    n_train: int = 10000
+    n_val: int = 500
+    n_test: int = 1000
+
+
+@dataclass
 class TaskConfig:
     name: str = "synthetic"  # random inputs for speed and memory
     vocab_size: int = 256  # token ids drawn for the `model` scope
@@ -149,6 +160,7 @@ def register_configs() -> None:
     cs.store(group="schema/bench", name="xl_eval", node=XLEvalBenchConfig)
     cs.store(group="schema/task", name="synthetic", node=TaskConfig)
     cs.store(group="schema/task", name="listops", node=ListOpsTaskConfig)
+    cs.store(group="schema/task", name="recall", node=RecallTaskConfig)
     cs.store(group="schema/bench", name="accuracy", node=AccuracyBenchConfig)
     cs.store(group="schema/model", name="model", node=ModelConfig)
     for name in backend_names():

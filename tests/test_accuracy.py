@@ -157,3 +157,48 @@ def test_accuracy_job_record_and_missing_data(tmp_path):
     assert record["status"] == "ok" and validate(record) == [] and record["metric"] == "test_accuracy"
     missing = run_job(compose(*TINY, f"task.data_dir={tmp_path}/lra"), output_dir=tmp_path)
     assert missing["status"] == "error" and "basic_train.tsv not found: expected LRA's TSV" in missing["reason"]
+
+
+# -- associative recall (a causal LM task) ---------------------------------------------------
+from efficient.tasks import recall  # noqa: E402
+
+
+def test_recall_sequences_score_the_value_after_each_queried_key():
+    tokens, labels = recall.generate(50, seq_len=64, n_pairs=6, n_queries=4, vocab_size=40, seed=0)
+    keys, values, filler = recall.vocabulary(40)
+    for seq, lab in zip(tokens, labels):
+        pairs = dict(zip(seq[0:12:2].tolist(), seq[1:12:2].tolist()))
+        assert len(pairs) == 6 and all(k in keys for k in pairs) and all(v in values for v in pairs.values())
+        assert all(t in filler for t in seq[12:56].tolist())
+        scored = (lab != recall.IGNORE).nonzero().flatten().tolist()
+        assert scored == [56, 58, 60, 62]
+        for t in scored:
+            assert lab[t] == pairs[seq[t].item()] == seq[t + 1]  # the value that follows the key
+    again, _ = recall.generate(50, seq_len=64, n_pairs=6, n_queries=4, vocab_size=40, seed=0)
+    assert torch.equal(again, tokens)
+
+
+def test_recall_refuses_impossible_settings():
+    with pytest.raises(ValueError, match="do not fit"):
+        recall.generate(1, seq_len=10, n_pairs=4, n_queries=4, vocab_size=40, seed=0)
+
+
+RECALL = ["bench=accuracy", "task=recall", "task.vocab_size=16", "task.n_pairs=3", "task.n_queries=2",
+          "task.n_train=256", "task.n_val=32", "task.n_test=32", "seq_len=24", "batch_size=16", "causal=true",
+          "model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=64", "bench.progress=false",
+          "bench.warmup_steps=5", "bench.lr=3e-3", "device=cpu"]
+
+
+def test_recall_trains_a_causal_lm(tmp_path):
+    result = run_accuracy(compose(*RECALL, "bench.steps=20", "bench.eval_every=10"), "cpu", output_dir=tmp_path)
+    assert result["metric"] == "test_accuracy" and 0.0 <= result["value"] <= 1.0
+
+
+def test_a_backend_that_cannot_do_the_task_is_unsupported(tmp_path):
+    from bench.harness import run_job
+
+    record = run_job(compose(*RECALL, "attention=linformer", "bench.steps=5"), output_dir=tmp_path)
+    assert record["status"] == "unsupported" and record["reason"] == "linformer cannot be causal"
+    encoder = [o for o in RECALL if not o.startswith("causal")] + ["causal=false", "bench.steps=5"]
+    mismatch = run_job(compose(*encoder), output_dir=tmp_path)
+    assert mismatch["status"] == "error" and "set causal=true" in mismatch["reason"]
