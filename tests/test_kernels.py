@@ -146,3 +146,15 @@ def test_gpu_kernels_match_the_fp32_reference(name, options, dtype, causal):
     (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x32)
     assert (y.float() - y_ref).abs().max() < GPU_TOLERANCE[dtype]
     assert (gx.float() - gx_ref).abs().max() / gx_ref.abs().max() < 5 * GPU_TOLERANCE[dtype]
+
+
+def test_flex_block_masks_follow_the_padding_not_the_tensor():
+    """Two different padding masks (even at a reused address) never share a cached block mask."""
+    attn = build_attention("flex", 32, 2).eval()
+    x = torch.randn(2, 40, 32)
+    with torch.no_grad():
+        for real in (30, 12, 30):
+            mask = torch.arange(40)[None, :].expand(2, 40) < real  # a fresh tensor each time
+            y, _ = attn(x, key_padding_mask=mask)
+            short, _ = attn(x[:, :real])
+            assert (y[:, :real] - short).abs().max() < 1e-5

@@ -10,6 +10,7 @@ float32, float16 and bfloat16.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Optional
 
 import torch
@@ -40,8 +41,9 @@ def block_mask_for(b, n, m, key_padding_mask, causal, window, device):
     if not (causal or window or key_padding_mask is not None):
         return None
     padding_key = None
-    if key_padding_mask is not None:  # the same tensor, unmodified, reuses its block mask
-        padding_key = (key_padding_mask.data_ptr(), key_padding_mask._version, tuple(key_padding_mask.shape))
+    if key_padding_mask is not None:  # keyed by content: a new batch with the same padding reuses it
+        content = key_padding_mask.to(torch.bool).cpu().numpy().tobytes()  # b*m bytes (a sync on GPU)
+        padding_key = (hashlib.sha1(content).hexdigest(), tuple(key_padding_mask.shape))
     key = (b, n, m, causal, window, padding_key, str(device))
     if key not in _block_masks:
         offset = m - n  # bottom-right alignment: query i stands at key position i + m - n
