@@ -4,7 +4,7 @@ The loop users expect: AdamW, linear warm-up then cosine decay, gradient clippin
 autocast on GPU, validation every ``eval_every`` steps, the best weights on validation kept
 (``best.pt``, weights only, loaded with ``weights_only=True``), a progress bar, seeded data
 order and initialisation, and a clean resume from ``last.pt`` (``bench.resume=true``: model,
-optimiser, schedule, step and data-order state). The learning curve goes to the W&B run's
+optimiser, schedule, step, the data order or stream position, and the memory). The learning curve goes to the W&B run's
 history; the record gets the test metric, throughput, peak memory, wall time and steps.
 """
 
@@ -24,7 +24,8 @@ from bench.config import model_size
 from bench.speed import attention_options
 from efficient.attention import attention_factory, get_backend
 from efficient.models import CausalLM, EncoderClassifier
-from efficient.tasks import listops, recall
+from efficient.recurrence import evaluate_stream, ordered_columns, segment_loss
+from efficient.tasks import charlm, listops, recall
 
 
 @dataclass
@@ -68,10 +69,114 @@ def recall_splits(task, seq_len: int, seed: int) -> dict[str, Split]:
     return out
 
 
-# name -> (splits(task, seq_len, seed), vocabulary size, classes or None for a causal LM task)
+class ExampleData:
+    """Independent examples (ListOps, recall): shuffled batches, scored by accuracy."""
+
+    metric, higher_is_better = "test_accuracy", True
+
+    def __init__(self, splits: dict[str, Split], batch_size: int, device: str, seed: int):
+        self.splits, self.batch_size, self.device = splits, batch_size, device
+        self.order = torch.Generator().manual_seed(seed)  # the data order, saved with the checkpoint
+        self.permutation, self.position = self.new_epoch(), 0
+
+    def new_epoch(self) -> torch.Tensor:
+        return torch.randperm(len(self.splits["train"].labels), generator=self.order)
+
+    def batch(self, index) -> tuple[torch.Tensor, ...]:
+        train = self.splits["train"]
+        return tuple(t[index].to(self.device) for t in (train.tokens, train.mask, train.labels))
+
+    def train_loss(self, model: nn.Module) -> tuple[torch.Tensor, int]:
+        """(the loss of the next training batch, its real tokens)."""
+        if self.position + self.batch_size > len(self.permutation):  # a new epoch, a new order
+            self.permutation, self.position = self.new_epoch(), 0
+        tokens, mask, labels = self.batch(self.permutation[self.position : self.position + self.batch_size])
+        self.position += self.batch_size
+        return loss_of(logits_of(model, tokens, mask), labels), int(mask.sum())
+
+    def probe_loss(self, model: nn.Module) -> torch.Tensor:
+        """The loss of the first training batch (for the peak-memory probe)."""
+        tokens, mask, labels = self.batch(slice(0, self.batch_size))
+        return loss_of(logits_of(model, tokens, mask), labels)
+
+    def score(self, model: nn.Module, split: str) -> float:
+        return accuracy_of(model, self.splits[split], self.batch_size, self.device)
+
+    def state_dict(self) -> dict:
+        return {"order": self.order.get_state(), "permutation": self.permutation, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.set_state(state["order"])
+        self.permutation, self.position = state["permutation"], state["position"]
+
+    def describe(self) -> dict:
+        return {"n_train": len(self.splits["train"].labels), "n_test": len(self.splits["test"].labels),
+                "majority_class_test_accuracy": majority_accuracy(self.splits)}
+
+
+class StreamData:
+    """One text stream per split (charlm): ordered segments, memory carried, bits per character.
+
+    Training reads ``batch_size`` contiguous columns of the training stream ``seq_len`` tokens at
+    a time, in order, handing each layer's memory (Transformer-XL) from one step to the next;
+    the memory is reset when the columns wrap around. Validation and test read their streams
+    the same way (``efficient.recurrence``), so a model with memory is scored with memory.
+    """
+
+    metric, higher_is_better = "test_bpc", False
+
+    def __init__(self, streams: dict[str, torch.Tensor], batch_size: int, seq_len: int, device: str, source: dict):
+        self.columns = {split: ordered_columns(s, batch_size).to(device) for split, s in streams.items()}
+        self.seq_len, self.source = seq_len, source
+        self.position, self.states = 0, None  # where the next segment starts; the layers' memories
+
+    def train_loss(self, model: CausalLM) -> tuple[torch.Tensor, int]:
+        train = self.columns["train"]
+        if self.position + 1 >= train.shape[1]:  # the columns are read through: start again, no memory
+            self.position, self.states = 0, None
+        stop = min(self.position + self.seq_len, train.shape[1] - 1)
+        inputs, targets = train[:, self.position : stop], train[:, self.position + 1 : stop + 1]
+        loss, self.states = segment_loss(model, inputs, targets, self.states)
+        self.position = stop
+        return loss, targets.numel()
+
+    def probe_loss(self, model: CausalLM) -> torch.Tensor:
+        train = self.columns["train"]
+        return segment_loss(model, train[:, : self.seq_len], train[:, 1 : self.seq_len + 1], self.states)[0]
+
+    def score(self, model: CausalLM, split: str) -> float:
+        return evaluate_stream(model, self.columns[split], self.seq_len) / math.log(2)  # nats -> bits per byte
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "states": self.states}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position, self.states = state["position"], state["states"]
+
+    def describe(self) -> dict:
+        return {**self.source, **{f"n_{split}_bytes": c.numel() for split, c in self.columns.items()}}
+
+
+def listops_data(cfg, device: str):
+    return ExampleData(listops_splits(cfg.task, cfg.seq_len, cfg.seed), cfg.batch_size, device, cfg.seed)
+
+
+def recall_data(cfg, device: str):
+    return ExampleData(recall_splits(cfg.task, cfg.seq_len, cfg.seed), cfg.batch_size, device, cfg.seed)
+
+
+def charlm_data(cfg, device: str):
+    path = cfg.task.data_path
+    data = charlm.load_bytes(path) if path else charlm.default_corpus()
+    source = charlm.describe(data, str(path) if path else "pydoc_data.topics (Python Language Reference)")
+    return StreamData(charlm.split_stream(data), cfg.batch_size, cfg.seq_len, device, source)
+
+
+# name -> (data(cfg, device), vocabulary size, classes or None for a causal LM task)
 TASKS = {
-    "listops": (listops_splits, lambda task: len(listops.VOCAB), listops.N_CLASSES),
-    "recall": (recall_splits, lambda task: task.vocab_size, None),
+    "listops": (listops_data, lambda task: len(listops.VOCAB), listops.N_CLASSES),
+    "recall": (recall_data, lambda task: task.vocab_size, None),
+    "charlm": (charlm_data, lambda task: charlm.VOCAB_SIZE, None),
 }
 
 
@@ -95,15 +200,14 @@ def loss_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy_of(model: nn.Module, split: Split, batch_size: int, device: str, autocast) -> float:
+def accuracy_of(model: nn.Module, split: Split, batch_size: int, device: str) -> float:
     """Share of scored targets predicted right (labels of -100 are not scored)."""
     model.eval()
     correct = scored = 0
     for start in range(0, len(split.labels), batch_size):
         tokens, mask = (t[start : start + batch_size].to(device) for t in (split.tokens, split.mask))
         labels = split.labels[start : start + batch_size]
-        with autocast():
-            predictions = logits_of(model, tokens, mask).argmax(-1).cpu()
+        predictions = logits_of(model, tokens, mask).argmax(-1).cpu()
         scored_here = labels != recall.IGNORE
         correct += (predictions[scored_here] == labels[scored_here]).sum().item()
         scored += scored_here.sum().item()
@@ -115,14 +219,14 @@ def run_accuracy(cfg, device: str, tracker=None, output_dir: Path | None = None)
     bench, task = cfg.bench, cfg.task
     if task.name not in TASKS:
         raise ValueError(f"bench=accuracy has no task {task.name!r}; valid: {', '.join(TASKS)}")
-    make_splits, vocab_size_of, n_classes = TASKS[task.name]
+    make_data, vocab_size_of, n_classes = TASKS[task.name]
     if (n_classes is None) != bool(cfg.causal):
         kind = "a causal language-modelling task: set causal=true" if n_classes is None else \
             "a classification task for an encoder: set causal=false"
         raise ValueError(f"task {task.name} is {kind}")
     output_dir = Path(output_dir or ".")
     torch.manual_seed(cfg.seed)
-    splits = make_splits(task, cfg.seq_len, cfg.seed)
+    data = make_data(cfg, device)
 
     options = attention_options(cfg)
     if get_backend(cfg.attention.name).capabilities.needs_max_len and options.get("max_len") is None:
@@ -136,79 +240,70 @@ def run_accuracy(cfg, device: str, tracker=None, output_dir: Path | None = None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=bench.lr, weight_decay=bench.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate(step, bench.warmup_steps, bench.steps))
-    order = torch.Generator().manual_seed(cfg.seed)  # the data order, saved with the checkpoint
-    step, best_val, best_step = 0, -1.0, 0
-    permutation, position = None, 0
+    step, best_val, best_step = 0, None, 0
     last, best = output_dir / "last.pt", output_dir / "best.pt"
     if bench.resume and last.exists():
         state = torch.load(last, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        order.set_state(state["order"])
+        data.load_state_dict(state["data"])
         step, best_val, best_step = state["step"], state["best_val"], state["best_step"]
-        permutation, position = state["permutation"], state["position"]
         torch.set_rng_state(state["rng"])  # dropout masks continue as if never stopped
 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and bench.amp)
 
-    train = splits["train"]
-    batch = cfg.batch_size
-    if step == 0:
-        permutation, position = torch.randperm(len(train.labels), generator=order), 0
+    def improves(value: float) -> bool:
+        return best_val is None or (value > best_val if data.higher_is_better else value < best_val)
+
+    validation = "val_" + data.metric.removeprefix("test_")
     started, tokens_seen = time.perf_counter(), 0
     model.train()
     progress = tqdm(total=bench.steps, initial=step, desc=f"{cfg.attention.name} {task.name}", mininterval=5,
                     disable=not bench.progress)
     while step < bench.steps:
-        if position + batch > len(permutation):  # a new epoch, a new order
-            permutation, position = torch.randperm(len(train.labels), generator=order), 0
-        index = permutation[position : position + batch]
-        position += batch
-        tokens, mask, labels = train.tokens[index].to(device), train.mask[index].to(device), train.labels[index].to(device)
         with autocast():
-            loss = loss_of(logits_of(model, tokens, mask), labels)
+            loss, n_tokens = data.train_loss(model)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), bench.clip)
         optimizer.step()
         schedule.step()
         step += 1
-        tokens_seen += int(mask.sum())
+        tokens_seen += n_tokens
         progress.update(1)
         metrics = {"train_loss": loss.item(), "lr": schedule.get_last_lr()[0]}
         if step % bench.eval_every == 0 or step == bench.steps:
-            metrics["val_accuracy"] = accuracy_of(model, splits["val"], batch, device, autocast)
-            progress.set_postfix(loss=f"{loss.item():.3f}", val=f"{metrics['val_accuracy']:.3f}")
-            if metrics["val_accuracy"] > best_val:
-                best_val, best_step = metrics["val_accuracy"], step
+            with autocast():
+                metrics[validation] = data.score(model, "val")
+            progress.set_postfix(loss=f"{loss.item():.3f}", val=f"{metrics[validation]:.3f}")
+            if improves(metrics[validation]):
+                best_val, best_step = metrics[validation], step
                 torch.save(model.state_dict(), best)
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "order": order.get_state(), "step": step,
-                        "permutation": permutation, "position": position, "rng": torch.get_rng_state(),
-                        "best_val": best_val, "best_step": best_step}, last)
+                        "schedule": schedule.state_dict(), "data": data.state_dict(), "step": step,
+                        "rng": torch.get_rng_state(), "best_val": best_val, "best_step": best_step}, last)
         if tracker is not None:
             tracker.log(metrics, step=step)
     progress.close()
     train_s = time.perf_counter() - started
 
     model.load_state_dict(torch.load(best, weights_only=True))
-    test_accuracy = accuracy_of(model, splits["test"], batch, device, autocast)
+    with autocast():
+        test_value = data.score(model, "test")
 
     def one_step():
-        tokens, mask = train.tokens[:batch].to(device), train.mask[:batch].to(device)
-        loss_of(logits_of(model, tokens, mask), train.labels[:batch].to(device)).backward()
+        data.probe_loss(model).backward()
         model.zero_grad(set_to_none=True)
 
     peak = measure.peak_memory_bytes(one_step, device)
     return {
-        "metric": "test_accuracy", "value": test_accuracy,
+        "metric": data.metric, "value": test_value,
         "fwd_bwd_tokens_per_s": tokens_seen / train_s if tokens_seen else None,  # real (unpadded) tokens
         "peak_mem_mib": peak / measure.MIB, "fwd_bwd_peak_mem_mib": peak / measure.MIB,
-        "extra": {"best_val_accuracy": best_val, "best_step": best_step, "steps": step,
-                  "train_seconds": train_s, "n_train": len(train.labels), "n_test": len(splits["test"].labels),
-                  "majority_class_test_accuracy": majority_accuracy(splits)},
+        "extra": {"best_" + validation: best_val, "best_step": best_step, "steps": step,
+                  "train_seconds": train_s, **data.describe()},
     }
 
 

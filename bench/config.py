@@ -124,6 +124,12 @@ class RecallTaskConfig:
 
 
 @dataclass
+class CharLMTaskConfig:
+    name: str = "charlm"
+    data_path: Optional[str] = None  # a raw byte file (enwik8, or enwik8.zip); None: Python's reference topics
+
+
+@dataclass
 class TaskConfig:
     name: str = "synthetic"  # random inputs for speed and memory
     vocab_size: int = 256  # token ids drawn for the `model` scope
@@ -161,6 +167,7 @@ def register_configs() -> None:
     cs.store(group="schema/task", name="synthetic", node=TaskConfig)
     cs.store(group="schema/task", name="listops", node=ListOpsTaskConfig)
     cs.store(group="schema/task", name="recall", node=RecallTaskConfig)
+    cs.store(group="schema/task", name="charlm", node=CharLMTaskConfig)
     cs.store(group="schema/bench", name="accuracy", node=AccuracyBenchConfig)
     cs.store(group="schema/model", name="model", node=ModelConfig)
     for name in backend_names():

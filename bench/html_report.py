@@ -23,6 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from bench.records import LOWER_IS_BETTER  # noqa: E402
 from bench.report import fit_power_law, label, varying_settings  # noqa: E402
 
 STATUS_COLOURS = {"ok": "#d9f2d9", "oom": "#f8d7a8", "unsupported": "#e0e0e0", "error": "#f4b6b6"}
@@ -100,7 +101,8 @@ def throughput_figure(rows, varying, colours) -> bytes:
 
 
 def accuracy_figure(rows, varying, colours) -> bytes | None:
-    accuracy = [r for r in rows if r.get("bench") == "accuracy" and r["status"] == "ok" and r.get("value") is not None]
+    accuracy = [r for r in rows if r.get("bench") == "accuracy" and r["status"] == "ok" and r.get("value") is not None
+                and r.get("metric") not in LOWER_IS_BETTER]  # accuracies only: bits per character is in the table
     if not accuracy:
         return None
     cells = sorted({(r["task"], r["seq_len"]) for r in accuracy})
@@ -133,7 +135,7 @@ def pareto_points(rows, seq_len: int, varying) -> tuple[list[dict[str, Any]], st
         if not timed:
             continue
         accuracy = [r["value"] for r in rows if label(r, varying) == name and r.get("bench") == "accuracy"
-                    and r["status"] == "ok"]
+                    and r["status"] == "ok" and r.get("metric") not in LOWER_IS_BETTER]
         points.append({"backend": name, "time": min(r[time_field] for r in timed),
                        "memory": min(r[memory_field] for r in timed), "accuracy": max(accuracy) if accuracy else None})
     for p in points:

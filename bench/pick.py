@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.records import load_records
+from bench.records import LOWER_IS_BETTER, best_value, load_records
 from bench.report import fit_power_law, label
 
 CELL_SETTINGS = ("scope", "batch_size", "d_model", "n_heads")
@@ -160,13 +160,16 @@ def assess(name: str, cells: list[dict], seq_len: int, time_field: str, memory_f
 
 def check_accuracy(candidate: Candidate, accuracy: list[dict], floors: dict[str, float]) -> str | None:
     for task, floor in floors.items():
-        values = [r["value"] for r in accuracy if label(r) == candidate.backend and r.get("task") == task]
-        if not values:
+        measured = [r for r in accuracy if label(r) == candidate.backend and r.get("task") == task]
+        if not measured:
             return f"no accuracy measured on {task} (floor {floor:g})"
-        best = max(values)
+        metric = measured[0].get("metric") or "accuracy"
+        best = best_value(metric, [r["value"] for r in measured])
         candidate.accuracy[task] = best
-        if best < floor:
-            return f"{task} {values and accuracy[0].get('metric') or 'accuracy'} {best:.4g} is below the floor {floor:g}"
+        if metric in LOWER_IS_BETTER and best > floor:
+            return f"{task} {metric} {best:.4g} is above the ceiling {floor:g}"
+        if metric not in LOWER_IS_BETTER and best < floor:
+            return f"{task} {metric} {best:.4g} is below the floor {floor:g}"
     return None
 
 
@@ -224,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="cpu or cuda (default: the most measured)")
     parser.add_argument("--inference", action="store_true", help="rank by the forward pass instead of a training step")
     parser.add_argument("--min-accuracy", type=parse_floor, action="append", default=[], metavar="TASK=VALUE",
-                        help="exclude backends whose best accuracy on TASK is below VALUE (repeatable)")
+                        help="exclude backends whose best accuracy on TASK is below VALUE (for a metric "
+                             "where lower is better, bits per character, above VALUE) (repeatable)")
     parser.add_argument("--allow-approximate", action="store_true",
                         help="rank approximate backends even without accuracy evidence")
     parser.add_argument("--json", action="store_true", help="print the recommendation as JSON")

@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 STATUSES = ("ok", "oom", "unsupported", "error")
+LOWER_IS_BETTER = frozenset({"test_bpc"})  # accuracy-bench metrics where smaller is better
+
+
+def best_value(metric: str | None, values):
+    """The best of several results of one metric: the smallest bits per character, else the largest."""
+    return min(values) if metric in LOWER_IS_BETTER else max(values)
 RESULT_FILE = "result.json"
 
 # field -> meaning; every record has every field (None when it does not apply).

@@ -88,6 +88,15 @@ def test_accuracy_floor_excludes_backends_below_it_or_unmeasured():
     assert reasons["chunked"] == "no accuracy measured on listops (floor 0.35)"
 
 
+def test_bits_per_character_is_a_ceiling_not_a_floor():
+    records = linear("sdpa") + linear("linformer")
+    records += [dict(accuracy(name, "charlm", bpc), metric="test_bpc")
+                for name, bpc in [("sdpa", 2.1), ("sdpa", 1.9), ("linformer", 2.4)]]
+    rec = pick(records, 4096, min_accuracy={"charlm": 2.0})
+    assert names(rec.ranked) == ["sdpa"] and rec.ranked[0].accuracy == {"charlm": 1.9}  # the best is the lowest
+    assert dict((e.backend, e.reason) for e in rec.excluded)["linformer"] == "charlm test_bpc 2.4 is above the ceiling 2"
+
+
 def test_other_devices_and_too_few_points():
     records = linear("sdpa") + [speed("xformers", 4096, 1.0, 5.0, device="cuda"), speed("flex", 1024, 1.0, 5.0)]
     rec = pick(records, 8192, device="cpu")
