@@ -3,6 +3,7 @@
     python run.py                                   # the default sweep for this machine
     python run.py attention=full seq_len=2048       # one cell
     python run.py -m attention=full seq_len=1024,2048,4096   # a sweep
+    python run.py -m ... hydra.sweep.dir=D resume=true       # finish a sweep: skip recorded cells
 
 With no arguments it sweeps every backend that can run on the detected device over a ladder
 of lengths (CPU: a small layer up to 4K tokens, about two minutes on 2 cores; GPU: bf16,
@@ -20,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 import bench.config  # noqa: F401  (registers the structured configs)
-from bench import records, tracking
+from bench import records, resume, tracking
 from bench.harness import new_record, run_job
 from efficient.attention import Cell, backend_names, get_backend
 
@@ -42,12 +43,19 @@ def default_sweep() -> list[str]:
 def main(cfg) -> None:
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
-    group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
+    sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    group = Path(hydra_cfg.sweep.dir).name if sweeping else None
+    root = Path(hydra_cfg.sweep.dir) if sweeping else output_dir  # where resume=true looks
     record = new_record(cfg)
+    if cfg.resume and (done := resume.skip_if_recorded(root, record, output_dir)):
+        print(f"{tracking.run_name(record)}: skipped, already recorded ({done['status']}) in {done['_path']}")
+        return
     with tracking.wandb_run(cfg, record, output_dir, group) as tracker:
         record = run_job(cfg, record, tracker, output_dir)
         records.write_atomic(output_dir / records.RESULT_FILE, record)
         tracker.summarize(record)
+    if cfg.resume:
+        resume.retire_errors(root, record, output_dir / records.RESULT_FILE)
     print(summary_line(record))
 
 
@@ -60,7 +68,7 @@ def summary_line(r: dict) -> str:
              ("peak_mem_mib", "peak {:.4g} MiB"), ("max_abs_err", "err {:.1e}")]
     parts = [fmt.format(r[key]) for key, fmt in shown if r.get(key) is not None]
     if r.get("metric") is not None:
-        parts.append(f"{r['metric']} {r['value']:.4g}")
+        parts.append(f"{r['metric']} {r['value']:,}" if isinstance(r["value"], int) else f"{r['metric']} {r['value']:.4g}")
     return f"{cell} ok: " + ", ".join(parts)
 
 

@@ -1,20 +1,27 @@
-"""Hydra callbacks: at the end of a sweep, print the comparison table and write the report."""
+"""Hydra callbacks: at the end of a sweep, say what resume skipped, print the table, write the report."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from bench import report, tracking
+from bench import report, resume, tracking
 
 
 class SweepReport(Callback):
+    def on_multirun_start(self, config, **kwargs: Any) -> None:
+        self.started = time.time()
+
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.exists():
             return
+        if config.get("resume"):
+            skipped = resume.count_skipped(sweep_dir, getattr(self, "started", 0.0))
+            print(f"resume: skipped {skipped} cell(s) already recorded in {sweep_dir}")
         rows = report.load(sweep_dir)
         if not rows:
             return

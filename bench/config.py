@@ -77,6 +77,25 @@ class SpeedBenchConfig:
     pad_fraction: float = 0.0  # fraction of each sequence that is padding (key_padding_mask)
 
 
+class SearchMethod(Enum):
+    auto = "auto"  # measure on GPU, predict on CPU
+    measure = "measure"  # run the step: real out-of-memory, measured peak
+    predict = "predict"  # the memory guard's model only
+
+
+@dataclass
+class MaxLenBenchConfig:
+    name: str = "maxlen"
+    scope: Scope = Scope.attention
+    backward: bool = True  # the step must fit forward+backward (else the forward)
+    method: SearchMethod = SearchMethod.auto
+    memory_budget_gib: Optional[float] = None  # None: half the free RAM (CPU), 90% of free GPU memory
+    resolution: int = 256  # bisect until the bracket is this narrow (tokens)
+    limit: int = 2**22  # never try beyond this length
+    pad_fraction: float = 0.0
+    threads: Optional[int] = None
+
+
 @dataclass
 class XLEvalBenchConfig:
     name: str = "xl_eval"
@@ -97,6 +116,7 @@ class AccuracyBenchConfig:
     amp: bool = True  # bf16 autocast on GPU
     resume: bool = False  # continue from last.pt in the output folder
     progress: bool = True  # the progress bar
+    threads: Optional[int] = None  # CPU threads; None: every core (set 1 when jobs run side by side)
 
 
 @dataclass
@@ -156,6 +176,7 @@ class Config:
     device: Device = Device.auto
     causal: bool = False
     seed: int = 0
+    resume: bool = False  # skip cells already recorded under the sweep folder (bench/resume.py)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -164,6 +185,7 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     cs.store(group="schema/bench", name="speed", node=SpeedBenchConfig)
     cs.store(group="schema/bench", name="xl_eval", node=XLEvalBenchConfig)
+    cs.store(group="schema/bench", name="maxlen", node=MaxLenBenchConfig)
     cs.store(group="schema/task", name="synthetic", node=TaskConfig)
     cs.store(group="schema/task", name="listops", node=ListOpsTaskConfig)
     cs.store(group="schema/task", name="recall", node=RecallTaskConfig)

@@ -8,30 +8,33 @@ is built); a cell predicted over the memory budget, or that really runs out of m
 from __future__ import annotations
 
 import os
+import socket
 import time
 import traceback
+from contextlib import nullcontext
 
 import torch
 from omegaconf import OmegaConf
 
 from efficient.attention import Cell, Unsupported, get_backend
-from bench import measure, records
+from bench import device_lock, measure, records
 from bench.speed import PredictedOOM, attention_options, run_speed
 from bench.accuracy import run_accuracy
+from bench.maxlen import run_maxlen
 from bench.xl_eval import run_xl_eval
 
 # name -> run(cfg, device, tracker=None, output_dir=None) -> the record's measured fields
-BENCHES = {"speed": run_speed, "xl_eval": run_xl_eval, "accuracy": run_accuracy}
+BENCHES = {"speed": run_speed, "xl_eval": run_xl_eval, "accuracy": run_accuracy, "maxlen": run_maxlen}
 
 
 def new_record(cfg) -> dict:
     """A record with everything known before measuring: the cell, the config, the versions."""
     record = records.empty_record()
     record.update(describe_cell(cfg))
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     record.update(
-        config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-        versions=records.versions(),
-        git_sha=records.git_sha(),
+        config=config, config_hash=records.config_hash(config), versions=records.versions(),
+        git_sha=records.git_sha(), host=socket.gethostname(), pid=os.getpid(),
     )
     return record
 
@@ -73,8 +76,11 @@ def run_job(cfg, record: dict | None = None, tracker=None, output_dir=None) -> d
             torch.set_num_threads(cfg.bench.get("threads") or os.cpu_count() or 1)
         record["threads"] = torch.get_num_threads()
         check_supported(cfg, device)
-        torch.manual_seed(cfg.seed)
-        record.update(BENCHES[cfg.bench.name](cfg, device, tracker=tracker, output_dir=output_dir))
+        exclusive = cfg.bench.name in device_lock.TIMING_BENCHES
+        with device_lock.held(device) if exclusive else nullcontext(None) as waited:
+            record["device_lock_wait_s"] = waited
+            torch.manual_seed(cfg.seed)
+            record.update(BENCHES[cfg.bench.name](cfg, device, tracker=tracker, output_dir=output_dir))
         record["status"] = "ok"
     except Unsupported as e:
         record.update(status="unsupported", reason=str(e))

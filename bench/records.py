@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -19,6 +20,8 @@ LOWER_IS_BETTER = frozenset({"test_bpc"})  # accuracy-bench metrics where smalle
 def best_value(metric: str | None, values):
     """The best of several results of one metric: the smallest bits per character, else the largest."""
     return min(values) if metric in LOWER_IS_BETTER else max(values)
+
+
 RESULT_FILE = "result.json"
 
 # field -> meaning; every record has every field (None when it does not apply).
@@ -66,6 +69,10 @@ FIELDS = {
     "value": "accuracy jobs: the metric's value",
     "extra": "bench-specific measurements (e.g. xl_eval: both models' per-token times)",
     "seed": "random seed",
+    "config_hash": "hash of the resolved config, less how it is run and logged: the cell's identity",
+    "host": "machine that ran the job",
+    "pid": "process that ran the job",
+    "device_lock_wait_s": "time waited for the device's timing lock (timing jobs never share a device)",
     "wall_s": "wall time of the job, s",
     "config": "the full resolved config",
     "versions": "python, torch, cuda, xformers, ... versions",
@@ -122,6 +129,19 @@ def load_records(root: Path | str) -> list[dict[str, Any]]:
         record["_path"] = str(path)
         records.append(record)
     return records
+
+
+# How a cell is run, logged or continued; not what it measures (left out of config_hash).
+UNHASHED = {"": ("resume", "wandb"), "bench": ("progress", "resume")}
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A stable hash of what a resolved config measures: equal configs, equal hashes."""
+    kept = {k: v for k, v in config.items() if k not in UNHASHED[""]}
+    if isinstance(kept.get("bench"), dict):
+        kept["bench"] = {k: v for k, v in kept["bench"].items() if k not in UNHASHED["bench"]}
+    text = json.dumps(kept, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def cell_label(record: dict[str, Any]) -> str:

@@ -71,17 +71,20 @@ def markdown(rows: list[dict[str, Any]], baseline: str | None = None) -> str:
     fixed = [f"{k}={rows[0].get(k)}" for k in SETTINGS if k not in varying]
     devices = sorted({str(r.get("device_name")) for r in rows if r.get("device_name")})
     out = [f"Settings: {', '.join(fixed)}" + (f"; measured on {'; '.join(devices)}" if devices else ""), ""]
+    searches = [r for r in rows if r.get("bench") == "maxlen"]
+    measured = [r for r in rows if r.get("bench") != "maxlen"]
     for field, title, fmt in QUANTITIES:
-        if not any(r.get(field) is not None for r in rows):
+        if not any(r.get(field) is not None for r in measured):
             continue
-        lengths, table = pivot(rows, field, fmt, varying)
+        lengths, table = pivot(measured, field, fmt, varying)
         out += [f"**{title}**", ""]
         out.append("| backend | " + " | ".join(f"n={n}" for n in lengths) + " |")
         out.append("|---|" + "---:|" * len(lengths))
         for name, cells in table.items():
             out.append(f"| {name} | " + " | ".join(cells.get(n, "") for n in lengths) + " |")
         out.append("")
-    out += scaling_table(rows, varying)
+    out += maxlen_table(searches, varying)
+    out += scaling_table(measured, varying)
     if baseline:
         out += baseline_tables(rows, baseline, varying)
     notes = sorted({f"- {label(r, varying)}: {r['note']}" for r in rows if r.get("note")})
@@ -98,6 +101,24 @@ def markdown(rows: list[dict[str, Any]], baseline: str | None = None) -> str:
                 out.append(line)
         out.append("")
     return "\n".join(out)
+
+
+def maxlen_table(searches: list[dict[str, Any]], varying: tuple[str, ...]) -> list[str]:
+    """The longest length that fits, per backend (bench=maxlen records)."""
+    found = [r for r in searches if r["status"] == "ok"]
+    if not found:
+        return []
+    out = ["**Longest length that fits the memory budget (bench=maxlen)**", "",
+           "| backend | longest n | first n that does not fit | budget GiB | peak MiB at longest | how |",
+           "|---|---:|---:|---:|---:|---|"]
+    for r in sorted(found, key=lambda r: -r["value"]):
+        extra = r.get("extra") or {}
+        peak = max((t["peak_mib"] for t in extra.get("tried", []) if t["seq_len"] == r["value"] and t["peak_mib"]),
+                   default=None)
+        how = "measured (ran the step)" if extra.get("method") == "measure" else "predicted (memory guard)"
+        out.append(f"| {label(r, varying)} | {r['value']:,} | {extra.get('first_failing') or 'none tried':,} | "
+                   f"{extra.get('budget_gib', 0):.3g} | {'-' if peak is None else f'{peak:,.0f}'} | {how} |")
+    return out + [""]
 
 
 def fit_power_law(lengths: list[float], values: list[float]) -> tuple[float, float, float]:

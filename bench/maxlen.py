@@ -1,0 +1,106 @@
+"""``bench=maxlen``: the longest sequence a backend's step fits in the memory budget.
+
+From ``seq_len``, the length doubles until a step no longer fits, then the gap between the
+last length that fit and the first that did not is bisected down to ``resolution`` tokens.
+The step is the one ``bench=speed`` measures (scope, forward+backward unless
+``backward=false``). Whether a length fits:
+
+- GPU (``method=auto`` or ``measure``): the step really runs; a CUDA out-of-memory error is
+  caught, the memory freed, and counts as "does not fit", as does a measured peak over the
+  budget (default: 90% of the free GPU memory).
+- CPU (``method=auto`` or ``predict``): the memory guard, the backend's memory model that
+  ``bench=speed`` checks before running (default budget: half the free RAM). Running steps
+  near the RAM limit would swap the machine, and a sub-quadratic backend's longest length
+  would take hours of O(n^2) compute on a few cores.
+
+The record's ``value`` is the longest length that fits (``metric`` = ``max_seq_len``); its
+``extra`` lists every length tried, with its measured or predicted peak.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from bench import measure
+from efficient.attention import Unsupported, get_backend
+from bench.speed import PredictedOOM, build_subject, cell_shape, predicted_bytes
+
+
+def at_length(cfg, seq_len: int):
+    """The config with another ``seq_len``."""
+    cfg = cfg.copy()
+    cfg.seq_len = seq_len
+    return cfg
+
+
+def predicted_fit(cfg, budget: float) -> tuple[bool, float]:
+    """(fits, predicted peak bytes) by the memory model alone."""
+    predicted = predicted_bytes(cfg, cell_shape(cfg), cfg.bench.backward)
+    return predicted <= budget, predicted
+
+
+def measured_fit(cfg, device: str, budget: float) -> tuple[bool, float | None]:
+    """(fits, measured peak bytes or None after out-of-memory) by running the step once."""
+    dtype = getattr(torch, cfg.dtype.value)
+    try:
+        subject = build_subject(cfg, device, dtype)
+
+        def step():
+            if cfg.bench.backward:
+                subject.loss(subject.forward(subject.module)).backward()
+            else:
+                with torch.no_grad():
+                    subject.forward(subject.module)
+
+        peak = measure.peak_memory_bytes(step, device)
+        return peak <= budget, peak
+    except torch.OutOfMemoryError:
+        return False, None
+    finally:
+        subject = None  # free the step's tensors before the next length
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_maxlen(cfg, device: str, **context) -> dict:
+    bench = cfg.bench
+    backend = get_backend(cfg.attention.name)
+    if bench.backward and device not in backend.capabilities.backward_devices:
+        raise Unsupported(f"{backend.name} has no backward on {device}: search the forward with bench.backward=false")
+    method = bench.method.value if bench.method.value != "auto" else ("measure" if device == "cuda" else "predict")
+    budget = measure.memory_budget_bytes(device, bench.memory_budget_gib)
+    tried: list[dict] = []
+
+    def fits(seq_len: int) -> bool:
+        cell = at_length(cfg, seq_len)
+        ok, peak = predicted_fit(cell, budget) if method == "predict" else measured_fit(cell, device, budget)
+        tried.append({"seq_len": seq_len, "fits": ok, "peak_mib": None if peak is None else peak / measure.MIB})
+        return ok
+
+    start, resolution = cfg.seq_len, bench.resolution
+    if not fits(start):
+        raise PredictedOOM(f"the starting length {start} does not fit the budget of "
+                           f"{budget / measure.GIB:,.1f} GiB ({method}); lower seq_len")
+    fitting, failing = start, None
+    while failing is None and fitting * 2 <= bench.limit:
+        if fits(fitting * 2):
+            fitting *= 2
+        else:
+            failing = fitting * 2
+    while failing is not None and failing - fitting > resolution:
+        middle = (fitting + failing) // 2 // resolution * resolution
+        if middle <= fitting:
+            break
+        if fits(middle):
+            fitting = middle
+        else:
+            failing = middle
+    return {
+        "metric": "max_seq_len", "value": fitting,
+        "note": None if failing else f"fits up to the search limit bench.limit={bench.limit}",
+        "extra": {"method": method, "budget_gib": budget / measure.GIB, "first_failing": failing,
+                  "resolution": resolution, "tried": tried},
+    }
