@@ -4,8 +4,9 @@ The loop users expect: AdamW, linear warm-up then cosine decay, gradient clippin
 autocast on GPU, validation every ``eval_every`` steps, the best weights on validation kept
 (``best.pt``, weights only, loaded with ``weights_only=True``), a progress bar, seeded data
 order and initialisation, and a clean resume from ``last.pt`` (``bench.resume=true``: model,
-optimiser, schedule, step, the data order or stream position, and the memory). The learning curve goes to the W&B run's
-history; the record gets the test metric, throughput, peak memory, wall time and steps.
+optimiser, schedule, step, the data order or stream position, and the memory). The learning
+curve goes to the W&B run's history; the record gets the test metric, throughput, peak memory,
+wall time and steps.
 """
 
 from __future__ import annotations

@@ -35,9 +35,9 @@ def at_length(cfg, seq_len: int):
     return cfg
 
 
-def predicted_fit(cfg, budget: float) -> tuple[bool, float]:
+def predicted_fit(cfg, device: str, budget: float) -> tuple[bool, float]:
     """(fits, predicted peak bytes) by the memory model alone."""
-    predicted = predicted_bytes(cfg, cell_shape(cfg), cfg.bench.backward)
+    predicted = predicted_bytes(cfg, cell_shape(cfg, device), cfg.bench.backward)
     return predicted <= budget, predicted
 
 
@@ -76,7 +76,7 @@ def run_maxlen(cfg, device: str, **context) -> dict:
 
     def fits(seq_len: int) -> bool:
         cell = at_length(cfg, seq_len)
-        ok, peak = predicted_fit(cell, budget) if method == "predict" else measured_fit(cell, device, budget)
+        ok, peak = predicted_fit(cell, device, budget) if method == "predict" else measured_fit(cell, device, budget)
         tried.append({"seq_len": seq_len, "fits": ok, "peak_mib": None if peak is None else peak / measure.MIB})
         return ok
 

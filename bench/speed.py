@@ -41,13 +41,13 @@ def attention_options(cfg) -> dict:
     return {k: as_value(v) for k, v in cfg.attention.items() if k != "name"}
 
 
-def cell_shape(cfg) -> Shape:
+def cell_shape(cfg, device: str) -> Shape:
     dtype = getattr(torch, cfg.dtype.value)
     memory = cfg.attention.get("mem_len", 0) or 0  # Transformer-XL keys: [memory ; segment]
     return Shape(
         batch=cfg.batch_size, n_heads=cfg.model.n_heads, head_dim=cfg.model.d_model // cfg.model.n_heads,
         q_len=cfg.seq_len, k_len=cfg.seq_len + memory, causal=cfg.causal,
-        bytes_per_element=torch.tensor([], dtype=dtype).element_size(),
+        bytes_per_element=torch.tensor([], dtype=dtype).element_size(), device=device,
     )
 
 
@@ -153,7 +153,7 @@ def max_abs_error(subject: Subject, device: str) -> tuple[float, str]:
 def run_speed(cfg, device: str, **context) -> dict:
     """Measure one cell; raises Unsupported / PredictedOOM / torch.OutOfMemoryError."""
     dtype = getattr(torch, cfg.dtype.value)
-    shape = cell_shape(cfg)
+    shape = cell_shape(cfg, device)
     training = cfg.bench.backward
     predicted = predicted_bytes(cfg, shape, training)
     budget = measure.memory_budget_bytes(device, cfg.bench.memory_budget_gib)

@@ -200,3 +200,13 @@ def test_every_study_composes_against_the_schema(study):
         assert (ROOT / "conf" / "attention" / f"{name}.yaml").exists(), name
     if study.startswith("scaling"):
         assert cfg.hydra.sweep.dir == f"outputs/studies/{study}"  # a fixed folder: resume=true finds it
+
+
+def test_the_memory_guard_never_predicts_less_than_the_measured_peak(backend_name):
+    """The guard (and maxlen's CPU search) is only safe if its model bounds the real peak."""
+    record = run_job(compose(f"attention={backend_name}", "device=cpu", "seq_len=2048", "bench.warmup=0",
+                             "bench.repeats=1", "bench.check_error=false"))
+    if record["status"] == "unsupported":
+        pytest.skip(record["reason"])
+    assert record["status"] == "ok", record.get("reason")
+    assert record["predicted_mem_mib"] >= record["peak_mem_mib"] > 0

@@ -76,6 +76,7 @@ class Shape:
     k_len: int
     causal: bool = False
     bytes_per_element: int = 4
+    device: str = "cuda"  # memory models may differ by device (CPU kernels are not all fused)
 
     @property
     def d_model(self) -> int:
