@@ -107,3 +107,6 @@ def check_supported(cfg, device: str) -> None:
     reason = backend.unsupported_reason(cell, **attention_options(cfg))
     if reason:
         raise Unsupported(reason)
+    if cfg.bench.name == "accuracy" and device not in backend.capabilities.backward_devices:
+        raise Unsupported(f"{backend.name} has no backward on {device}, and training needs one "
+                          f"(it trains on: {', '.join(backend.capabilities.backward_devices)})")
