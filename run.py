@@ -35,7 +35,7 @@ def default_sweep() -> list[str]:
         device, dtype, extra = "cuda", "bfloat16", ["model=gpu_d128", f"seq_len={GPU_LADDER}"]
     else:
         device, dtype, extra = "cpu", "float32", [f"seq_len={CPU_LADDER}", "bench.warmup=1", "bench.repeats=3"]
-    runnable = [n for n in backend_names() if get_backend(n).unsupported_reason(Cell(device, dtype)) is None]
+    runnable = [n for n in backend_names() if get_backend(n).cannot_run(Cell(device, dtype)) is None]
     return ["--multirun", f"attention={','.join(runnable)}", f"device={device}", f"dtype={dtype}", *extra]
 
 
@@ -46,17 +46,20 @@ def main(cfg) -> None:
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     group = Path(hydra_cfg.sweep.dir).name if sweeping else None
     root = Path(hydra_cfg.sweep.dir) if sweeping else output_dir  # where resume=true looks
+    bench.config.check_values(cfg)  # a sweep's jobs were checked before launch (hydra/sweeper=cells)
     record = new_record(cfg)
     if cfg.resume and (done := resume.skip_if_recorded(root, record, output_dir)):
         print(f"{tracking.run_name(record)}: skipped, already recorded ({done['status']}) in {done['_path']}")
         return
     with tracking.wandb_run(cfg, record, output_dir, group) as tracker:
         record = run_job(cfg, record, tracker, output_dir)
-        records.write_atomic(output_dir / records.RESULT_FILE, record)
+        written, note = records.place(output_dir, record)
         tracker.summarize(record)
     if cfg.resume:
-        resume.retire_errors(root, record, output_dir / records.RESULT_FILE)
+        resume.retire_retried(root, record, written)
     print(summary_line(record))
+    if note:
+        print(f"  note: {note}")
 
 
 def summary_line(r: dict) -> str:

@@ -11,6 +11,7 @@ wall time and steps.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from bench import measure
+from bench import measure, records
 from bench.config import model_size
 from bench.speed import attention_options
 from efficient.attention import attention_factory, get_backend
@@ -181,6 +182,29 @@ TASKS = {
 }
 
 
+def save_checkpoint(state: dict, path: Path) -> None:
+    """torch.save, atomically: a kill during the save leaves the previous checkpoint whole."""
+    with records.atomic_file(path, "wb") as f:
+        torch.save(state, f)
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint that cannot be loaded; the message names the file and what to do."""
+
+
+@contextlib.contextmanager
+def readable_checkpoint(path: Path):
+    """Turn a failure to load ``path`` into one sentence that names the file and the fix."""
+    try:
+        yield
+    except Exception as e:
+        first_line = (str(e).splitlines() or [""])[0]
+        raise DamagedCheckpoint(
+            f"checkpoint {path} cannot be loaded ({type(e).__name__}: {first_line}); it is damaged or from "
+            f"another model or suite version. Delete it (training then starts from step 0) or point the "
+            f"run at another output folder") from e
+
+
 def learning_rate(step: int, warmup: int, total: int) -> float:
     """Multiplier of the peak rate: linear warm-up, then cosine decay to zero."""
     if step < warmup:
@@ -244,13 +268,14 @@ def run_accuracy(cfg, device: str, tracker=None, output_dir: Path | None = None)
     step, best_val, best_step = 0, None, 0
     last, best = output_dir / "last.pt", output_dir / "best.pt"
     if bench.resume and last.exists():
-        state = torch.load(last, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        data.load_state_dict(state["data"])
-        step, best_val, best_step = state["step"], state["best_val"], state["best_step"]
-        torch.set_rng_state(state["rng"])  # dropout masks continue as if never stopped
+        with readable_checkpoint(last):
+            state = torch.load(last, weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            data.load_state_dict(state["data"])
+            step, best_val, best_step = state["step"], state["best_val"], state["best_step"]
+            torch.set_rng_state(state["rng"])  # dropout masks continue as if never stopped
 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and bench.amp)
@@ -281,16 +306,17 @@ def run_accuracy(cfg, device: str, tracker=None, output_dir: Path | None = None)
             progress.set_postfix(loss=f"{loss.item():.3f}", val=f"{metrics[validation]:.3f}")
             if improves(metrics[validation]):
                 best_val, best_step = metrics[validation], step
-                torch.save(model.state_dict(), best)
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "data": data.state_dict(), "step": step,
-                        "rng": torch.get_rng_state(), "best_val": best_val, "best_step": best_step}, last)
+                save_checkpoint(model.state_dict(), best)
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "schedule": schedule.state_dict(), "data": data.state_dict(), "step": step,
+                             "rng": torch.get_rng_state(), "best_val": best_val, "best_step": best_step}, last)
         if tracker is not None:
             tracker.log(metrics, step=step)
     progress.close()
     train_s = time.perf_counter() - started
 
-    model.load_state_dict(torch.load(best, weights_only=True))
+    with readable_checkpoint(best):
+        model.load_state_dict(torch.load(best, weights_only=True))
     with autocast():
         test_value = data.score(model, "test")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,13 @@ class SweepReport(Callback):
         self.started = time.time()
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
+        try:
+            self.report(config)
+        except Exception as e:  # Hydra would turn this into a warning that is easy to miss
+            print(f"sweep report not written ({type(e).__name__}: {e}); the records are intact: "
+                  f"python -m bench.report {config.hydra.sweep.dir}", file=sys.stderr)
+
+    def report(self, config) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.exists():
             return

@@ -13,9 +13,11 @@ from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from efficient.attention import backend_names, get_backend, options_schema
+from hydra.errors import CompactHydraException
+
+from efficient.attention import Bound, backend_names, get_backend, options_schema
 from efficient.models import ModelSize
 
 
@@ -180,9 +182,72 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
+# Valid ranges of the numeric settings (a key a config does not have is not checked); each
+# backend's own options are bounded by its ``option_bounds``. The schema checks types, these the values.
+BOUNDS = {
+    "seq_len": Bound(1), "batch_size": Bound(1),
+    "model.d_model": Bound(1), "model.n_heads": Bound(1), "model.n_layers": Bound(1), "model.d_ff": Bound(1),
+    "model.dropout": Bound(0, high=1),
+    "bench.warmup": Bound(0), "bench.repeats": Bound(1), "bench.memory_budget_gib": Bound(0, open=True),
+    "bench.threads": Bound(1), "bench.pad_fraction": Bound(0, high=1), "bench.resolution": Bound(1),
+    "bench.limit": Bound(1), "bench.tgt_len": Bound(1), "bench.steps": Bound(1), "bench.lr": Bound(0, open=True),
+    "bench.weight_decay": Bound(0), "bench.warmup_steps": Bound(0), "bench.clip": Bound(0, open=True),
+    "bench.eval_every": Bound(1),
+    "task.n_train": Bound(1), "task.n_val": Bound(1), "task.n_test": Bound(1), "task.min_length": Bound(1),
+    "task.max_length": Bound(1), "task.max_depth": Bound(1), "task.max_args": Bound(2), "task.vocab_size": Bound(2),
+    "task.n_pairs": Bound(1), "task.n_queries": Bound(1), "task.n_classes": Bound(2),
+}
+
+
+class InvalidValue(CompactHydraException):
+    """A setting outside its valid range: refused before anything runs (Hydra prints the message alone)."""
+
+
+def value_problems(cfg) -> list[str]:
+    """One sentence per setting of ``cfg`` outside its valid range (empty when all are valid)."""
+    bounds = dict(BOUNDS)
+    bounds.update({f"attention.{k}": b for k, b in get_backend(cfg.attention.name).option_bounds.items()})
+    problems = []
+    for key, bound in bounds.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if not bound.admits(value):
+            problems.append(f"{key}={value} is out of range: {key} must be {bound}")
+    d_model, n_heads = cfg.model.d_model, cfg.model.n_heads
+    if n_heads >= 1 and d_model % n_heads:
+        problems.append(f"model.d_model={d_model} is not a multiple of model.n_heads={n_heads}: "
+                        f"every head needs the same width")
+    return problems
+
+
+def check_values(cfg) -> None:
+    """Raise InvalidValue naming every setting of ``cfg`` outside its valid range."""
+    problems = value_problems(cfg)
+    if problems:
+        raise InvalidValue("; ".join(problems))
+
+
+def job_cell_hash(*, _root_: DictConfig) -> str:
+    """``${cell_hash:}`` in a job's output folder name: the short ``config_hash`` of its cell, so
+    that two different cells never share a folder (and a resumed cell finds its own)."""
+    from bench.harness import cell_hash  # the harness imports this module
+
+    job = OmegaConf.masked_copy(_root_, [key for key in _root_ if key != "hydra"])
+    return cell_hash(job)[:8]
+
+
+@dataclass
+class CellSweeperConfig:
+    """hydra/sweeper=cells: Hydra's basic sweeper that also checks every job's values first."""
+
+    _target_: str = "hydra_plugins.efficient_bench.cell_sweeper.CellSweeper"
+    max_batch_size: Optional[int] = None
+    params: Optional[dict[str, str]] = None
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
+    cs.store(group="hydra/sweeper", name="cells", node=CellSweeperConfig)
     cs.store(group="schema/bench", name="speed", node=SpeedBenchConfig)
     cs.store(group="schema/bench", name="xl_eval", node=XLEvalBenchConfig)
     cs.store(group="schema/bench", name="maxlen", node=MaxLenBenchConfig)
@@ -197,3 +262,4 @@ def register_configs() -> None:
 
 
 register_configs()
+OmegaConf.register_new_resolver("cell_hash", job_cell_hash, replace=True)

@@ -3,6 +3,8 @@
 A cell a backend cannot run is ``unsupported`` (checked from its capabilities before anything
 is built); a cell predicted over the memory budget, or that really runs out of memory, is
 ``oom``; anything else that goes wrong is ``error`` with its traceback in the record.
+``final`` says whether the status belongs to the cell (ok, oom, unsupported by the backend) or
+to this machine (no CUDA here, xformers missing; and every error): resume retries the latter.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from contextlib import nullcontext
 import torch
 from omegaconf import OmegaConf
 
-from efficient.attention import Cell, Unsupported, get_backend
+from efficient.attention import Cell, Unavailable, Unsupported, get_backend
 from bench import device_lock, measure, records
 from bench.speed import PredictedOOM, attention_options, run_speed
 from bench.accuracy import run_accuracy
@@ -33,19 +35,29 @@ def new_record(cfg) -> dict:
     record.update(describe_cell(cfg))
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     record.update(
-        config=config, config_hash=records.config_hash(config), versions=records.versions(),
+        config=config, config_hash=cell_hash(cfg), versions=records.versions(),
         git_sha=records.git_sha(), host=socket.gethostname(), pid=os.getpid(),
     )
     return record
 
 
+def resolved_device(cfg) -> str:
+    """The device the job runs on (``auto`` resolved), or the one it asked for if it is missing."""
+    try:
+        return measure.resolve_device(cfg.device.value)
+    except Unsupported:
+        return cfg.device.value
+
+
+def cell_hash(cfg) -> str:
+    """The cell's identity: the resolved config, ``device=auto`` resolved (``records.config_hash``)."""
+    return records.config_hash(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), resolved_device(cfg))
+
+
 def describe_cell(cfg) -> dict:
     """The record's fields that say which cell this is (known before anything runs)."""
     scope = cfg.bench.get("scope")
-    try:
-        device = measure.resolve_device(cfg.device.value)
-    except Unsupported:
-        device = cfg.device.value
+    device = resolved_device(cfg)
     return {
         "attention": cfg.attention.name,
         "attention_options": attention_options(cfg),
@@ -81,15 +93,17 @@ def run_job(cfg, record: dict | None = None, tracker=None, output_dir=None) -> d
             record["device_lock_wait_s"] = waited
             torch.manual_seed(cfg.seed)
             record.update(BENCHES[cfg.bench.name](cfg, device, tracker=tracker, output_dir=output_dir))
-        record["status"] = "ok"
+        record.update(status="ok", final=True)
+    except Unavailable as e:
+        record.update(status="unsupported", reason=str(e), final=False)
     except Unsupported as e:
-        record.update(status="unsupported", reason=str(e))
+        record.update(status="unsupported", reason=str(e), final=True)
     except PredictedOOM as e:
-        record.update(status="oom", reason=str(e))
+        record.update(status="oom", reason=str(e), final=True)
     except (torch.OutOfMemoryError, MemoryError) as e:
-        record.update(status="oom", reason=f"out of memory while running: {str(e).splitlines()[0]}")
+        record.update(status="oom", reason=f"out of memory while running: {str(e).splitlines()[0]}", final=True)
     except Exception as e:  # recorded, so that a sweep goes on past a failing cell
-        record.update(status="error", reason=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        record.update(status="error", reason=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(), final=False)
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -102,11 +116,14 @@ def check_supported(cfg, device: str) -> None:
     cell = Cell(
         device=device, dtype=cfg.dtype.value, causal=cfg.causal,
         key_padding_mask=cfg.bench.get("pad_fraction", 0) > 0,
-        head_dim=cfg.model.d_model // cfg.model.n_heads,
+        head_dim=cfg.model.d_model // cfg.model.n_heads, seq_len=cfg.seq_len,
     )
     reason = backend.unsupported_reason(cell, **attention_options(cfg))
     if reason:
         raise Unsupported(reason)
+    reason = backend.unavailable_reason(cell, **attention_options(cfg))
+    if reason:
+        raise Unavailable(reason)
     if cfg.bench.name == "accuracy" and device not in backend.capabilities.backward_devices:
         raise Unsupported(f"{backend.name} has no backward on {device}, and training needs one "
                           f"(it trains on: {', '.join(backend.capabilities.backward_devices)})")

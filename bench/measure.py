@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from efficient.attention import Unsupported
+from efficient.attention import Unavailable
 
 ATTENTION_OP = re.compile(r"attention|fmha|flex|flash|cudnn", re.IGNORECASE)
 MIB = 2**20
@@ -36,7 +36,7 @@ def resolve_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise Unsupported("device=cuda was requested but CUDA is not available on this machine")
+        raise Unavailable("device=cuda was requested but CUDA is not available on this machine")
     return requested
 
 

@@ -7,7 +7,10 @@
 Ranks every backend by the time of a training step (forward+backward; ``--inference``: the
 forward) at N tokens, on one device, dtype and causal setting. Where N was measured the
 record is used; otherwise each backend's power law (time and memory ~ n^k, least squares over
-its measured lengths) is extrapolated and the row says so, with the fit's spread. Every
+its measured lengths) is extrapolated and the row says so, with the fit's spread. A power law
+fitted on short inputs says little far beyond them: extrapolating more than
+``--max-extrapolation`` times (default 8x) past the longest (or below the shortest) measured
+length excludes the backend, with that reason, unless the limit is raised. Every
 backend left out is listed with its reason: unsupported, out of memory (measured, or predicted
 over ``--memory-budget``), below an accuracy floor, approximate without accuracy evidence, or
 not measured on this device.
@@ -29,6 +32,7 @@ from bench.records import LOWER_IS_BETTER, best_value, load_records
 from bench.report import fit_power_law, label
 
 CELL_SETTINGS = ("scope", "batch_size", "d_model", "n_heads")
+MAX_EXTRAPOLATION = 8.0  # times beyond the measured lengths that a fitted power law is trusted
 
 
 @dataclass
@@ -74,7 +78,9 @@ def most_common(values) -> Any:
 def pick(records: list[dict[str, Any]], seq_len: int, memory_budget_gib: float | None = None,
          causal: bool = False, dtype: str | None = None, device: str | None = None,
          inference: bool = False, min_accuracy: dict[str, float] | None = None,
-         allow_approximate: bool = False) -> Recommendation:
+         allow_approximate: bool = False, max_extrapolation: float = MAX_EXTRAPOLATION) -> Recommendation:
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be a positive number of tokens, got {seq_len}")
     min_accuracy = min_accuracy or {}
     speed = [r for r in records if r.get("bench") == "speed"]
     accuracy = [r for r in records if r.get("bench") == "accuracy" and r.get("status") == "ok"]
@@ -99,7 +105,7 @@ def pick(records: list[dict[str, Any]], seq_len: int, memory_budget_gib: float |
         excluded.append(Exclusion(name, f"not measured on {device} with {dtype}, causal={causal} and these settings"))
 
     for name, cells in sorted(by_backend.items()):
-        verdict = assess(name, cells, seq_len, time_field, memory_field)
+        verdict = assess(name, cells, seq_len, time_field, memory_field, max_extrapolation)
         if isinstance(verdict, Exclusion):
             excluded.append(verdict)
             continue
@@ -121,7 +127,8 @@ def pick(records: list[dict[str, Any]], seq_len: int, memory_budget_gib: float |
     return Recommendation(seq_len, settings, ranked, excluded, justify(seq_len, settings, ranked, excluded))
 
 
-def assess(name: str, cells: list[dict], seq_len: int, time_field: str, memory_field: str):
+def assess(name: str, cells: list[dict], seq_len: int, time_field: str, memory_field: str,
+           max_extrapolation: float = MAX_EXTRAPOLATION):
     """A Candidate (measured or extrapolated) or the Exclusion that says why not."""
     backend = cells[0]["attention"]
     usable = [r for r in cells if r["status"] == "ok" and r.get(time_field) is not None and r.get(memory_field) is not None]
@@ -147,13 +154,18 @@ def assess(name: str, cells: list[dict], seq_len: int, time_field: str, memory_f
         why = f" ({notes.pop()})" if notes else f" (needs {time_field} at 2 lengths or more)"
         return Exclusion(name, f"too few measurements to extrapolate to n={seq_len}{why}")
     lengths = sorted(points)
+    factor = max(seq_len / lengths[-1], lengths[0] / seq_len)
+    if factor > max_extrapolation:
+        return Exclusion(name, f"n={seq_len} is {factor:.0f}x outside the measured n={lengths[0]}-{lengths[-1]}; "
+                               f"a power law is trusted up to {max_extrapolation:g}x (--max-extrapolation): "
+                               f"measure longer inputs")
     times = [statistics.median(t for t, _ in points[n]) for n in lengths]
     memories = [statistics.median(m for _, m in points[n]) for n in lengths]
     k_time, c_time, spread_time = fit_power_law(lengths, times)
     k_mem, c_mem, spread_mem = fit_power_law(lengths, memories)
     spread = math.exp(max(spread_time, spread_mem)) - 1
-    basis = (f"extrapolated from n={lengths[0]}-{lengths[-1]}: time ~ n^{k_time:.2f}, memory ~ n^{k_mem:.2f}, "
-             f"fit spread ±{spread:.0%}")
+    basis = (f"extrapolated {factor:.1f}x from n={lengths[0]}-{lengths[-1]}: time ~ n^{k_time:.2f}, "
+             f"memory ~ n^{k_mem:.2f}, fit spread ±{spread:.0%}")
     return Candidate(name, is_exact(backend), c_time * seq_len**k_time, c_mem * seq_len**k_mem, basis,
                      extrapolated=True)
 
@@ -187,7 +199,8 @@ def justify(seq_len: int, settings: dict, ranked: list[Candidate], excluded: lis
         text += (f" The next, {runner.backend}, takes {runner.time_ms / best.time_ms:.2f}x its time and "
                  f"{runner.memory_mib / best.memory_mib:.2f}x its memory.")
     if best.extrapolated:
-        text += " This length was not measured: the figures are extrapolated and should be confirmed by a run."
+        text += (" WARNING: this length was not measured; the figures are extrapolated "
+                 f"({best.basis.split(':')[0]}) and must be confirmed by a run.")
     unmeasured = [e.backend for e in excluded if e.reason.startswith("not measured")]
     others = [f"{e.backend} ({e.reason})" for e in excluded if not e.reason.startswith("not measured")]
     if others:
@@ -217,10 +230,30 @@ def parse_floor(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected TASK=VALUE (e.g. listops=0.35), got {text!r}") from None
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of tokens, got {text!r}")
+    return value
+
+
+def factor_at_least_one(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a factor >= 1, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.pick", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", type=Path, help="a folder of result.json files (searched recursively)")
-    parser.add_argument("--seq-len", type=int, required=True, help="the input length to choose for")
+    parser.add_argument("--seq-len", type=positive_int, required=True, help="the input length to choose for")
     parser.add_argument("--memory-budget", type=float, metavar="GiB", help="exclude backends whose peak exceeds this")
     parser.add_argument("--causal", action="store_true", help="a causal (decoder) workload")
     parser.add_argument("--dtype", help="float32, bfloat16, ... (default: the most measured)")
@@ -231,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
                              "where lower is better, bits per character, above VALUE) (repeatable)")
     parser.add_argument("--allow-approximate", action="store_true",
                         help="rank approximate backends even without accuracy evidence")
+    parser.add_argument("--max-extrapolation", type=factor_at_least_one, default=MAX_EXTRAPOLATION, metavar="X",
+                        help=f"exclude backends that would be extrapolated more than X times beyond their "
+                             f"measured lengths (default {MAX_EXTRAPOLATION:g})")
     parser.add_argument("--json", action="store_true", help="print the recommendation as JSON")
     args = parser.parse_args(argv)
     if not args.path.exists():
@@ -240,8 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no speed records under {args.path}", file=sys.stderr)
         return 1
     rec = pick(records, args.seq_len, args.memory_budget, args.causal, args.dtype, args.device,
-               args.inference, dict(args.min_accuracy), args.allow_approximate)
+               args.inference, dict(args.min_accuracy), args.allow_approximate, args.max_extrapolation)
     print(json.dumps(asdict(rec), indent=2) if args.json else format_table(rec))
+    far = [c for c in rec.ranked if c.extrapolated]
+    if far and not args.json:
+        print(f"\nWARNING: {', '.join(c.backend for c in far)}: not measured at n={args.seq_len}; "
+              "extrapolated figures (marked ~) must be confirmed by a run.", file=sys.stderr)
     return 0
 
 

@@ -1,7 +1,19 @@
-"""One result record per job: its fields, its atomic write, and reading a folder of them."""
+"""One result record per job: its fields, where it is written, and reading a folder of them.
+
+Records are the suite's product, so three rules hold wherever one is written or read:
+
+- a file is replaced atomically (a reader sees the old file or the whole new one), with the
+  mode the umask gives (readable by a team on shared storage);
+- a record never replaces another cell's record, nor a better record of its own cell
+  (``place``): the record it would have replaced is kept, and nothing is deleted;
+- a damaged or incomplete ``result.json`` is skipped with a warning that names it, so that
+  one bad file never stops a resume, a report or a pick.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -10,8 +22,10 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
+import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Iterable, Iterator
 
 STATUSES = ("ok", "oom", "unsupported", "error")
 LOWER_IS_BETTER = frozenset({"test_bpc"})  # accuracy-bench metrics where smaller is better
@@ -44,6 +58,8 @@ FIELDS = {
     "threads": "CPU threads used (torch.get_num_threads)",
     "status": "ok | oom | unsupported | error",
     "reason": "for anything but ok: a human sentence",
+    "final": "true: the status holds for this cell on any machine, and resume=true skips it; false: it "
+             "depends on this machine (no CUDA, a package missing) or is an error, and resume=true runs it again",
     "fwd_ms": "median forward latency (no grad), ms",
     "fwd_ms_p20": "20th percentile forward latency, ms",
     "fwd_ms_p80": "80th percentile forward latency, ms",
@@ -101,15 +117,31 @@ def validate(record: dict[str, Any]) -> list[str]:
     return problems
 
 
-def write_atomic(path: Path, record: dict[str, Any]) -> None:
-    """Write JSON so that a reader sees the old file or the whole new one, never a part."""
+class RecordWarning(UserWarning):
+    """A result file that cannot be read as a record; it is skipped."""
+
+
+def umask_mode() -> int:
+    """The mode a new file gets here (0o666 less the umask), e.g. 0o644."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path | str, mode: str = "w") -> Iterator[IO]:
+    """Write ``path`` through a temporary file in its folder, then rename it into place.
+
+    A reader (or a kill at any moment) sees the old file or the whole new one, never a part.
+    The file gets the umask's mode, as an ordinary ``open`` would give it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
+        os.fchmod(fd, umask_mode())
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -118,26 +150,124 @@ def write_atomic(path: Path, record: dict[str, Any]) -> None:
         raise
 
 
-def load_records(root: Path | str) -> list[dict[str, Any]]:
-    """Every ``result.json`` under ``root`` (a folder) or ``root`` itself (a file)."""
-    root = Path(root)
-    paths: Iterable[Path] = [root] if root.is_file() else sorted(root.rglob(RESULT_FILE))
-    records = []
-    for path in paths:
+def write_atomic(path: Path | str, record: dict[str, Any]) -> None:
+    """Write a record (any JSON-able dict) atomically."""
+    with atomic_file(path) as f:
+        json.dump(record, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+
+
+# Which record of one cell is its result.json: the better status wins, a tie goes to the newer.
+STATUS_RANK = {"ok": 3, "oom": 2, "unsupported": 2, "error": 0}
+
+
+def rank(record: dict[str, Any]) -> int:
+    """ok > oom, unsupported > unsupported on this machine only > error."""
+    if record.get("status") == "unsupported" and record.get("final") is False:
+        return 1
+    return STATUS_RANK.get(record.get("status"), 0)
+
+
+def aside_path(folder: Path, kind: str) -> Path:
+    """A new ``result.<kind>.<time>.json`` beside ``result.json`` (kept, never read as a record)."""
+    return folder / f"result.{kind}.{time.time_ns()}.json"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Exclusive among the processes that place records in ``folder`` (concurrent sweeps)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".result.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def place(folder: Path | str, record: dict[str, Any]) -> tuple[Path, str]:
+    """Write ``record`` as the ``result.json`` of its cell in ``folder`` without losing a record.
+
+    - nothing there, or an earlier record of the same cell that is not better: this record
+      becomes ``result.json``, and the earlier one is kept as ``result.superseded.<time>.json``;
+    - a better record of the same cell (an ``ok`` that a later ``error`` would replace): it
+      stays ``result.json``, and this one is kept as ``result.rejected.<time>.json``;
+    - another cell's record (two cells sent to one folder): this record goes to the subfolder
+      ``cell-<config_hash>/``, under the same rules.
+
+    Returns (the path written, a sentence for the user when more happened than a plain write).
+    """
+    folder = Path(folder)
+    with folder_lock(folder):
+        target = folder / RESULT_FILE
+        current = read_record(target) if target.exists() else None
+        if current is not None and current.get("config_hash") != record.get("config_hash"):
+            path, _ = place(folder / f"cell-{record.get('config_hash')}", record)
+            return path, (f"{target} holds another cell's record ({current['attention']}, n={current['seq_len']}); "
+                          f"this record is written to {path} instead")
+        if current is not None and rank(current) > rank(record):
+            path = aside_path(folder, "rejected")
+            write_atomic(path, record)
+            return path, (f"kept the earlier {current['status']} record {target}; this {record.get('status')} "
+                          f"record is kept beside it as {path.name}")
+        note = ""
+        if target.exists():  # the same cell measured again (or a damaged file): keep the old one
+            kept = aside_path(folder, "superseded")
+            os.replace(target, kept)
+            note = f"the earlier record of this cell is kept as {kept}"
+        write_atomic(target, record)
+        return target, note
+
+
+# What every reader relies on: a record without these is skipped (with a warning).
+REQUIRED = ("attention", "bench", "status", "seq_len", "dtype", "device")
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The record in ``path``, or None (with a warning that names the file) if it is not one."""
+    try:
         with open(path) as f:
             record = json.load(f)
-        record["_path"] = str(path)
-        records.append(record)
-    return records
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        warnings.warn(f"skipped {path}: not a readable JSON record ({type(e).__name__}: {e})", RecordWarning)
+        return None
+    if not isinstance(record, dict):
+        warnings.warn(f"skipped {path}: a record is a JSON object, not a {type(record).__name__}", RecordWarning)
+        return None
+    missing = [k for k in REQUIRED if k not in record]
+    if missing:
+        warnings.warn(f"skipped {path}: not a result record (missing {', '.join(missing)})", RecordWarning)
+        return None
+    if record["status"] not in STATUSES or not isinstance(record["seq_len"], int):
+        warnings.warn(f"skipped {path}: status {record['status']!r} and seq_len {record['seq_len']!r} "
+                      "do not make a valid record", RecordWarning)
+        return None
+    record["_path"] = str(path)
+    return record
+
+
+def load_records(root: Path | str) -> list[dict[str, Any]]:
+    """Every readable ``result.json`` under ``root`` (a folder) or ``root`` itself (a file).
+
+    Unreadable or incomplete files are skipped with a warning that names them."""
+    root = Path(root)
+    paths: Iterable[Path] = [root] if root.is_file() else sorted(root.rglob(RESULT_FILE))
+    return [record for path in paths if (record := read_record(path)) is not None]
 
 
 # How a cell is run, logged or continued; not what it measures (left out of config_hash).
 UNHASHED = {"": ("resume", "wandb"), "bench": ("progress", "resume")}
 
 
-def config_hash(config: dict[str, Any]) -> str:
-    """A stable hash of what a resolved config measures: equal configs, equal hashes."""
+def config_hash(config: dict[str, Any], device: str | None = None) -> str:
+    """A stable hash of what a resolved config measures: equal configs, equal hashes.
+
+    ``device``: the device that ``device=auto`` resolved to, so that a CPU run and a GPU run of
+    one config are two cells (each is resumed on its own kind of machine).
+    """
     kept = {k: v for k, v in config.items() if k not in UNHASHED[""]}
+    if device is not None:
+        kept["device"] = device
     if isinstance(kept.get("bench"), dict):
         kept["bench"] = {k: v for k, v in kept["bench"].items() if k not in UNHASHED["bench"]}
     text = json.dumps(kept, sort_keys=True, default=str)

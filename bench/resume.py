@@ -1,11 +1,13 @@
 """``resume=true``: a sweep started again skips every cell it has already recorded.
 
-A cell is known by its ``config_hash`` (the resolved config, less how it is run and logged).
-A job whose cell already has an ``ok``, ``oom`` or ``unsupported`` record under the sweep
-folder writes a small ``skipped.json`` beside it and measures nothing; an ``error`` record is
-run again, and the error it replaces is renamed ``result.superseded.json`` so that every cell
-is recorded once. Records are written atomically, so a sweep killed at any point leaves each
-cell either whole or absent, and ``resume=true`` with the same ``hydra.sweep.dir`` finishes it.
+A cell is known by its ``config_hash`` (the resolved config with ``device=auto`` resolved,
+less how it is run and logged). A job whose cell already has a final record under the sweep
+folder (``ok``, ``oom``, or ``unsupported`` by the backend) writes a small ``skipped.json``
+beside it and measures nothing. An ``error``, or an ``unsupported`` that only this machine
+caused (``final: false``: no CUDA, a package missing), is run again, and the record it replaces
+is kept as ``result.superseded.<time>.json`` so that every cell has one ``result.json``.
+Records are written atomically, so a sweep killed at any point leaves each cell either whole
+or absent, and ``resume=true`` with the same ``hydra.sweep.dir`` finishes it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ from bench import records
 
 FINAL = ("ok", "oom", "unsupported")  # an error is worth another try; these are not
 SKIPPED_FILE = "skipped.json"
-SUPERSEDED_FILE = "result.superseded.json"
+
+
+def is_final(record: dict) -> bool:
+    """Would another run of this cell, on any machine, end the same way? (Older records have no
+    ``final`` field: their status decides.)"""
+    return record["status"] in FINAL and record.get("final") is not False
 
 
 def previous(root: Path, config_hash: str) -> list[dict]:
@@ -31,19 +38,22 @@ def skip_if_recorded(root: Path, record: dict, output_dir: Path) -> dict | None:
     """The final record of this cell if there is one (and mark this job skipped), else None."""
     earlier = previous(root, record["config_hash"])
     for done in earlier:
-        if done["status"] in FINAL:
+        if is_final(done):
             records.write_atomic(output_dir / SKIPPED_FILE, {"result": done["_path"], "status": done["status"],
                                                              "config_hash": record["config_hash"], "at": time.time()})
             return done
     return None
 
 
-def retire_errors(root: Path, record: dict, kept: Path) -> None:
-    """Rename this cell's earlier error records (other than ``kept``) so one record remains."""
+def retire_retried(root: Path, record: dict, kept: Path) -> None:
+    """Set aside this cell's earlier records that were run again (errors, machine-only
+    unsupported) in other folders of the sweep, so that one ``result.json`` remains per cell."""
+    if kept.name != records.RESULT_FILE:  # the new record was itself set aside: the old one stays
+        return
     for old in previous(root, record["config_hash"]):
         path = Path(old["_path"])
-        if old["status"] == "error" and path.resolve() != kept.resolve():
-            path.replace(path.with_name(SUPERSEDED_FILE))
+        if not is_final(old) and path.resolve() != kept.resolve():
+            path.replace(records.aside_path(path.parent, "superseded"))
 
 
 def count_skipped(root: Path, since: float) -> int:

@@ -28,8 +28,21 @@ def wandb_mode(cfg) -> str:
 
 
 def run_name(record: dict[str, Any]) -> str:
-    """The cell as a run name, e.g. 'sdpa[kernel=flash]-n4096-bfloat16-cuda'."""
-    return "-".join([cell_label(record), f"n{record['seq_len']}", record["dtype"], record["device"]])
+    """The cell as a run name, naming every setting that tells cells apart, e.g.
+    'sdpa[kernel=flash]-n4096-b1-16x128-bfloat16-cuda-causal-#3fa2c1'.
+
+    Backend and options, length, batch, heads x head width, dtype, device; then causal, the
+    model scope, a bench and task other than speed/synthetic, a seed other than 0 when they
+    apply; and the cell's config hash, so that two runs share a name only if they share a cell.
+    """
+    r = record
+    parts = [cell_label(r), f"n{r['seq_len']}", f"b{r.get('batch_size')}", f"{r.get('n_heads')}x{r.get('head_dim')}",
+             r["dtype"], r["device"]]
+    parts += ["causal"] * bool(r.get("causal"))
+    parts += [f"model{r.get('n_layers')}L"] * (r.get("scope") == "model")
+    parts += [r["bench"]] * (r["bench"] != "speed") + [r.get("task")] * (r.get("task") not in ("synthetic", None))
+    parts += [f"seed{r['seed']}"] * bool(r.get("seed"))
+    return "-".join(str(p) for p in parts) + (f"-#{r['config_hash'][:6]}" if r.get("config_hash") else "")
 
 
 class Tracker:

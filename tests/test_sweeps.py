@@ -31,7 +31,7 @@ def test_resume_skips_recorded_cells_and_reruns_errors(tmp_path):
     first = run_cli(*cells, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert len(results_under(tmp_path / "sweep")) == 4
-    (error_dir,) = [p for p in (tmp_path / "sweep").iterdir() if p.name.startswith("1_")]
+    error_dir = sorted(p.parent for p in (tmp_path / "sweep").rglob("result.json"))[0]
     record = (error_dir / "result.json").read_text().replace('"status": "ok"', '"status": "error"', 1)
     (error_dir / "result.json").write_text(record)  # as if this cell had failed
 

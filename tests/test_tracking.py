@@ -17,8 +17,8 @@ def test_offline_sweep_runs_carry_group_name_tags_and_summary(tmp_path):
                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_MODE": "offline",
                               "WANDB_SILENT": "true"})
     assert out.returncode == 0, out.stderr
-    for job, name in (("0_full_n32", b"full-n32-float32-cpu"), ("1_full_n64", b"full-n64-float32-cpu")):
-        (run_file,) = (sweep / job / "wandb").glob("offline-run-*/run-*.wandb")
+    for job, name in (("full_n32_*", b"full-n32-b1-4x16-float32-cpu-#"), ("full_n64_*", b"full-n64-b1-4x16-float32-cpu-#")):
+        (run_file,) = sweep.glob(f"{job}/wandb/offline-run-*/run-*.wandb")
         data = run_file.read_bytes()  # protobuf records: the strings are stored as they are
         assert b"grp-attention-7f3a" in data and name in data  # group = the sweep, name = the cell
         for tag in (b"full", b"speed", b"synthetic", b"cpu", b"float32", b"nightly"):

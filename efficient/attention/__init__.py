@@ -5,10 +5,12 @@ import pkgutil
 
 from efficient.attention.base import (
     Attention,
+    Bound,
     Capabilities,
     Cell,
     ProjectedAttention,
     Shape,
+    Unavailable,
     Unsupported,
     as_value,
     attention_factory,
@@ -27,7 +29,7 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "Attention", "Capabilities", "Cell", "ProjectedAttention", "Shape", "Unsupported",
+    "Attention", "Bound", "Capabilities", "Cell", "ProjectedAttention", "Shape", "Unavailable", "Unsupported",
     "as_value", "attention_factory", "backend_names", "build_attention", "get_backend", "option_defaults", "options_schema",
     "register", "training_flops",
 ]

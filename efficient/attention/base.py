@@ -39,6 +39,11 @@ class Unsupported(Exception):
     """Raised when a backend cannot run a cell; the sentence is recorded as the reason."""
 
 
+class Unavailable(Unsupported):
+    """Raised when this machine cannot run a cell that another could: a device or a package is
+    missing here. A sweep resumed on another machine runs such a cell again."""
+
+
 @dataclass(frozen=True)
 class Capabilities:
     causal: bool = True
@@ -63,6 +68,30 @@ class Cell:
     cross_attention: bool = False
     key_padding_mask: bool = False
     head_dim: int = 64
+    seq_len: int | None = None  # the longest input, when known (a backend built for a length checks it)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The valid range of a numeric setting: ``low <= value`` (``low < value`` when ``open``),
+    and ``value < high`` when ``high`` is set. None is always valid (an unset option)."""
+
+    low: float
+    open: bool = False
+    high: float | None = None
+
+    def admits(self, value: Any) -> bool:
+        if value is None:
+            return True
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        above = value > self.low if self.open else value >= self.low
+        return above and (self.high is None or value < self.high)
+
+    def __str__(self) -> str:
+        if self.high is not None:
+            return f"in {'(' if self.open else '['}{self.low:g}, {self.high:g})"
+        return f"{'>' if self.open else '>='} {self.low:g}"
 
 
 @dataclass(frozen=True)
@@ -88,6 +117,7 @@ class Attention(nn.Module):
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities] = Capabilities()
+    option_bounds: ClassVar[dict[str, Bound]] = {}  # numeric options -> valid range (checked by configs)
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
         super().__init__()
@@ -116,6 +146,17 @@ class Attention(nn.Module):
             return f"{cls.name} does not support a key padding mask"
         return None
 
+    @classmethod
+    def unavailable_reason(cls, cell: Cell, **options: Any) -> str | None:
+        """Why this machine cannot run ``cell`` though another could (a package missing or
+        broken here), or None. Checked after ``unsupported_reason``."""
+        return None
+
+    @classmethod
+    def cannot_run(cls, cell: Cell, **options: Any) -> str | None:
+        """Why ``cell`` cannot run here, for either of the two reasons above, or None."""
+        return cls.unsupported_reason(cell, **options) or cls.unavailable_reason(cell, **options)
+
     def check_call(self, x: torch.Tensor, context, key_padding_mask, causal: bool) -> None:
         cell = Cell(
             device=x.device.type,
@@ -128,6 +169,9 @@ class Attention(nn.Module):
         reason = self.unsupported_reason(cell, **self.options())
         if reason:
             raise Unsupported(reason)
+        reason = self.unavailable_reason(cell, **self.options())
+        if reason:
+            raise Unavailable(reason)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         if needs_grad and cell.device not in self.capabilities.backward_devices:
             raise Unsupported(f"{self.name} has no backward on {cell.device}; run it under torch.no_grad()")

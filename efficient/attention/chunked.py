@@ -17,7 +17,7 @@ import torch
 from einops import einsum
 from torch.utils.checkpoint import checkpoint
 
-from efficient.attention.base import ProjectedAttention, Shape, register
+from efficient.attention.base import Bound, ProjectedAttention, Shape, register
 
 
 def chunked_attention(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0,
@@ -93,6 +93,7 @@ def key_chunk_step(acc, row_max, row_sum, q, k, v, padding, q_position, k_start,
 @register
 class ChunkedAttention(ProjectedAttention):
     name = "chunked"
+    option_bounds = {"query_chunk": Bound(1), "key_chunk": Bound(1)}
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, *,
                  query_chunk: int = 1024, key_chunk: int = 1024, checkpoint: bool = True):

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from efficient.attention.base import Capabilities, ProjectedAttention, Shape, Unsupported, register
+from efficient.attention.base import Bound, Capabilities, ProjectedAttention, Shape, Unsupported, register
 from efficient.attention.functional import exact_attention
 
 RECOMPILE_LIMIT = 256
@@ -69,6 +69,7 @@ def block_mask_for(b, n, m, key_padding_mask, causal, window, device):
 class FlexAttention(ProjectedAttention):
     name = "flex"
     capabilities = Capabilities(dtypes=("float32", "float16", "bfloat16"), backward_devices=("cuda",))
+    option_bounds = {"window": Bound(1)}
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, *, window: Optional[int] = None):
         super().__init__(d_model, n_heads, dropout)

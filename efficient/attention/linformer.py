@@ -26,7 +26,7 @@ import torch
 from einops import einsum
 from torch import nn
 
-from efficient.attention.base import Capabilities, ProjectedAttention, Shape, Unsupported, as_value, register
+from efficient.attention.base import Bound, Capabilities, Cell, ProjectedAttention, Shape, Unsupported, as_value, register
 from efficient.attention.functional import exact_attention
 
 
@@ -49,6 +49,7 @@ def new_projection(heads: int, k: int, max_len: int) -> nn.Parameter:
 class LinformerAttention(ProjectedAttention):
     name = "linformer"
     capabilities = Capabilities(causal=False, needs_max_len=True, exact=False)
+    option_bounds = {"k": Bound(1), "max_len": Bound(1)}
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, *, k: int = 256,
                  share: Share = Share.headwise, max_len: Optional[int] = None):
@@ -61,6 +62,19 @@ class LinformerAttention(ProjectedAttention):
         heads = n_heads if self.share == "none" else 1
         self.E = new_projection(heads, k, max_len)  # [heads, k, max_len]
         self.F = self.E if self.share in ("kv", "layerwise") else new_projection(heads, k, max_len)
+
+    @classmethod
+    def unsupported_reason(cls, cell: Cell, k: int = 256, max_len: Optional[int] = None, **options) -> str | None:
+        """The capability check, then the lengths: k <= max_len (default: the cell's length)."""
+        if reason := super().unsupported_reason(cell):
+            return reason
+        longest = max_len if max_len is not None else cell.seq_len
+        if longest is not None and k > longest:
+            return (f"linformer's k={k} exceeds the {longest} positions it projects from (k <= max_len, "
+                    f"which defaults to seq_len): set attention.k <= {longest} or a longer attention.max_len")
+        if max_len is not None and cell.seq_len is not None and cell.seq_len > max_len:
+            return f"linformer was built for at most max_len={max_len} tokens, not seq_len={cell.seq_len}"
+        return None
 
     @classmethod
     def layer_factory(cls, d_model: int, n_heads: int, dropout: float = 0.0, **options):

@@ -4,8 +4,9 @@
 dispatcher chooses). The [b, n, h, d] layout xformers wants is the projections' own layout,
 so no copy is made. Causal masks and right padding go through xformers' attention-bias
 classes (``LowerTriangularFromBottomRightMask``, ``BlockDiagonalMask`` over packed keys).
-When xformers is missing, its C++/CUDA ops did not load, or the device is a CPU, the cell is
-``unsupported`` with xformers' own reason.
+On a CPU the cell is ``unsupported`` (xformers has no CPU operators). When xformers is missing,
+its C++/CUDA operators did not load or refuse the cell, it is unavailable on this machine
+(``Unavailable``), in xformers' own words: another machine or build may run it.
 """
 
 from __future__ import annotations
@@ -70,12 +71,9 @@ class XFormersAttention(ProjectedAttention):
         self.op = as_value(op)
 
     @classmethod
-    def unsupported_reason(cls, cell: Cell, op: Op | str = Op.auto, **options) -> str | None:
-        """The capability check, followed by xformers' own words where it has something to say."""
-        reasons = [super().unsupported_reason(cell)]
-        if cell.dtype in cls.capabilities.dtypes:
-            reasons.append(xformers_problem(cell.device, cell.dtype, as_value(op)))
-        return "; ".join(r for r in reasons if r) or None
+    def unavailable_reason(cls, cell: Cell, op: Op | str = Op.auto, **options) -> str | None:
+        """xformers' own words, when the installed build cannot run the cell on this machine."""
+        return xformers_problem(cell.device, cell.dtype, as_value(op))
 
     def attend(self, q, k, v, key_padding_mask, causal):
         import xformers.ops as xops
