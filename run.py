@@ -5,9 +5,10 @@
     python run.py -m attention=full seq_len=1024,2048,4096   # a sweep
     python run.py -m ... hydra.sweep.dir=D resume=true       # finish a sweep: skip recorded cells
 
-With no arguments it sweeps every backend that can run on the detected device over a ladder
-of lengths (CPU: a small layer up to 4K tokens, about two minutes on 2 cores; GPU: bf16,
-16 heads x 128, 1K to 16K), then prints the comparison table.
+With no arguments it runs the main job, ``-m experiment=main_cpu`` (or ``main_gpu`` where CUDA
+is available; conf/experiment/main_*.yaml): every backend that can run on the device over a
+ladder of lengths (CPU: a small layer up to 4K tokens, about two minutes on 2 cores; GPU: bf16,
+16 heads x 128, 1K to 16K), then the comparison table. ``+experiment=X`` means ``experiment=X``.
 """
 
 from __future__ import annotations
@@ -23,20 +24,15 @@ from hydra.types import RunMode
 import bench.config  # noqa: F401  (registers the structured configs)
 from bench import records, resume, tracking
 from bench.harness import new_record, run_job
-from efficient.attention import Cell, backend_names, get_backend
 
-CPU_LADDER = "256,512,1024,2048,4096"
-GPU_LADDER = "1024,2048,4096,8192,16384"
+def main_job() -> list[str]:
+    """The arguments of the main job: the study conf/experiment/main_{gpu,cpu}.yaml for this machine."""
+    return ["--multirun", f"experiment=main_{'gpu' if torch.cuda.is_available() else 'cpu'}"]
 
 
-def default_sweep() -> list[str]:
-    """The overrides of the main job: every backend this device can run, a ladder of lengths."""
-    if torch.cuda.is_available():
-        device, dtype, extra = "cuda", "bfloat16", ["model=gpu_d128", f"seq_len={GPU_LADDER}"]
-    else:
-        device, dtype, extra = "cpu", "float32", [f"seq_len={CPU_LADDER}", "bench.warmup=1", "bench.repeats=3"]
-    runnable = [n for n in backend_names() if get_backend(n).cannot_run(Cell(device, dtype)) is None]
-    return ["--multirun", f"attention={','.join(runnable)}", f"device={device}", f"dtype={dtype}", *extra]
+def plus_experiment_as_override(argv: list[str]) -> list[str]:
+    """``+experiment=X`` (the older spelling) is ``experiment=X``: the group is in the defaults list."""
+    return [a.removeprefix("+") if a.startswith("+experiment=") else a for a in argv]
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -76,6 +72,5 @@ def summary_line(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 1:
-        sys.argv += default_sweep()
+    sys.argv = [sys.argv[0], *(plus_experiment_as_override(sys.argv[1:]) or main_job())]
     main()

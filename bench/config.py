@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -244,6 +245,29 @@ class CellSweeperConfig:
     params: Optional[dict[str, str]] = None
 
 
+def backend_list(device: str | None = None, dtype: str = "float32") -> str:
+    """``${backends:}``: every registered backend, comma-separated, for a sweep's ``attention``;
+    ``${backends:cpu,float32}``: those that can run on that device and dtype here."""
+    from efficient.attention import Cell
+
+    names = backend_names()
+    if device is not None:
+        names = [n for n in names if get_backend(n).cannot_run(Cell(device, dtype)) is None]
+    return ",".join(names)
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def config_groups() -> str:
+    """``${config_groups:}`` in ``--help``: each group of conf/ and its choices, read from the folder."""
+    lines = []
+    for folder in sorted(p for p in CONF_DIR.rglob("*") if p.is_dir() and any(p.glob("*.yaml"))):
+        group = folder.relative_to(CONF_DIR).as_posix()
+        lines.append(f"  {group + ':':<18}{', '.join(sorted(f.stem for f in folder.glob('*.yaml')))}")
+    return "\n".join(lines)
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
@@ -263,3 +287,5 @@ def register_configs() -> None:
 
 register_configs()
 OmegaConf.register_new_resolver("cell_hash", job_cell_hash, replace=True)
+OmegaConf.register_new_resolver("backends", backend_list, replace=True)
+OmegaConf.register_new_resolver("config_groups", config_groups, replace=True)

@@ -4,12 +4,16 @@ A new backend module + yaml is picked up here without editing this file.
 """
 
 import copy
+import dataclasses
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import ROOT, compose
-from efficient.attention import Capabilities, Cell, Unsupported, build_attention, get_backend
+from efficient.attention import (Capabilities, Cell, ProjectedAttention, Shape, Unsupported, build_attention,
+                                 get_backend)
+from efficient.attention.base import DTYPES
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}  # fp32 against the fp64 reference
 
@@ -27,13 +31,51 @@ def test_capabilities_are_data(backend_name):
 
 
 def test_impossible_cells_have_reasons(backend_name):
+    """Every capability a backend lacks gives a reason that names it (none is left unchecked)."""
     backend = get_backend(backend_name)
     caps = backend.capabilities
-    if not caps.causal:
-        reason = backend.unsupported_reason(Cell("cpu", "float32", causal=True))
-        assert reason and "causal" in reason
-    if "cpu" not in caps.devices:
-        assert "cpu" in backend.unsupported_reason(Cell("cpu", "float32"))
+    home = Cell(caps.devices[0], caps.dtypes[0])  # a cell it can run, changed one way at a time
+    lacking = {
+        "causal": (not caps.causal, dict(causal=True), "causal"),
+        "key_padding_mask": (not caps.key_padding_mask, dict(key_padding_mask=True), "padding"),
+        "cross_attention": (not caps.cross_attention, dict(cross_attention=True), "cross-attention"),
+    }
+    lacking.update({f"device {d}": (d not in caps.devices, dict(device=d), d) for d in ("cpu", "cuda")})
+    lacking.update({f"dtype {t}": (t not in caps.dtypes, dict(dtype=t), t) for t in DTYPES})
+    checked = 0
+    for what, (lacks, change, word) in lacking.items():
+        reason = backend.unsupported_reason(dataclasses.replace(home, **change))
+        if lacks:
+            assert reason and word in reason, (what, reason)
+            checked += 1
+        elif what.startswith(("causal", "key_padding", "cross")):
+            assert reason is None, (what, reason)
+    assert backend.unsupported_reason(home) is None
+    missing = sum(x[0] for x in lacking.values())
+    assert checked == missing
+
+
+def test_flop_model_matches_a_flop_counter(backend_name):
+    """The attention core's FLOP model against torch's FlopCounterMode on a small cell."""
+    backend = get_backend(backend_name)
+    if "cpu" not in backend.capabilities.devices:
+        pytest.skip(f"{backend_name} does not run on CPU")
+    if not issubclass(backend, ProjectedAttention):
+        pytest.skip(f"{backend_name} is counted by its own tests (its core includes its projections)")
+    if backend_name == "flex":
+        pytest.skip("FlopCounterMode cannot count inside FlexAttention's compiled kernel")
+    b, h, n, d = 2, 4, 96, 16
+    options = {"kernel": "math"} if backend_name == "sdpa" else {}  # the CPU fused kernel is not counted
+    if backend.capabilities.needs_max_len:
+        options.update(max_len=n, k=n // 3)
+    attention = build_attention(backend_name, h * d, h, **options).eval()
+    q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        attention.attend(q, k, v, None, False)
+    model = backend.flops(Shape(b, h, d, n, n, causal=False, device="cpu"), **options)
+    assert counter.get_total_flops() == pytest.approx(model, rel=0.01)
+    if backend.capabilities.exact and backend.capabilities.causal:  # FlashAttention's convention
+        assert backend.flops(Shape(b, h, d, n, n, causal=True, device="cpu"), **options) == model / 2
 
 
 def test_no_backward_where_the_backend_has_none(backend_name):

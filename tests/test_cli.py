@@ -5,7 +5,7 @@ import time
 import pytest
 
 from bench import records
-from conftest import results_under, run_cli
+from conftest import ROOT, results_under, run_cli
 
 SMALL = ["model.d_model=64", "model.n_heads=4", "bench.repeats=2", "bench.warmup=1"]
 
@@ -57,3 +57,28 @@ def test_huge_cell_is_oom_quickly(tmp_path):
     (r,) = results_under(tmp_path / "run")
     assert r["status"] == "oom" and "budget" in r["reason"]
     assert time.perf_counter() - start < 60
+
+
+def test_the_main_job_is_a_study_config_hydra_can_show(tmp_path):
+    out = run_cli("--cfg", "hydra", "experiment=main_cpu", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "attention: ${backends:cpu,float32}" in out.stdout and "seq_len: 256,512,1024,2048,4096" in out.stdout
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=["experiment=main_cpu"], return_hydra_config=True)
+    cpu_backends = "chunked,flex,full,linformer,sdpa,xl"  # every backend that runs on a CPU, from the registry
+    assert cfg.hydra.sweeper.params.attention == cpu_backends
+
+
+@pytest.mark.parametrize("spelling", ["experiment=scaling_cpu", "+experiment=scaling_cpu"])
+def test_experiment_with_or_without_plus(tmp_path, spelling):
+    out = run_cli("--cfg", "job", spelling, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "device: cpu" in out.stdout and "repeats: 3" in out.stdout
+
+
+def test_help_shows_the_real_groups_and_examples(tmp_path):
+    out = run_cli("--help", cwd=tmp_path)
+    assert "attention:        chunked, flex, full, linformer, sdpa, xformers, xl" in out.stdout
+    assert "schema" not in out.stdout and "python run.py -m experiment=scaling_cpu" in out.stdout

@@ -1,11 +1,13 @@
 """Backend-specific facts of the memory-efficient kernels (the registry-wide checks are in
 test_backends.py). GPU tests skip cleanly without CUDA."""
 
+import enum
+
 import pytest
 import torch
 
 from conftest import requires_cuda
-from efficient.attention import Cell, Unsupported, build_attention, get_backend
+from efficient.attention import Cell, Unsupported, backend_names, build_attention, get_backend, option_defaults
 from efficient.attention.chunked import chunked_attention
 from efficient.attention.functional import exact_attention
 
@@ -120,9 +122,21 @@ def test_xformers_on_cpu_is_unsupported_and_a_missing_build_is_unavailable():
 # -- GPU: every exact kernel against the fp32 reference, per-dtype tolerances ----------------
 GPU_TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 2e-2}  # forward, as in xformers' tests
 
-GPU_CASES = [("sdpa", {"kernel": k}) for k in ("flash", "efficient", "cudnn", "math")] + [
-    ("xformers", {"op": "auto"}), ("chunked", {}), ("flex", {}), ("full", {}),
-]
+def gpu_cases() -> list[tuple[str, dict]]:
+    """Every exact backend that runs on CUDA, once per value of each of its choice options
+    (sdpa: each kernel; xformers: each op), from the registry: a new backend joins by itself."""
+    cases = []
+    for name in backend_names():
+        backend = get_backend(name)
+        if not backend.capabilities.exact or "cuda" not in backend.capabilities.devices:
+            continue
+        choices = {k: type(v) for k, v in option_defaults(backend).items() if isinstance(v, enum.Enum)}
+        cases += [(name, {option: member.value}) for option, kind in choices.items() for member in kind]
+        cases += [(name, {})] * (not choices)
+    return cases
+
+
+GPU_CASES = gpu_cases()
 
 
 @requires_cuda

@@ -193,7 +193,7 @@ def test_every_study_composes_against_the_schema(study):
     from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=[f"+experiment={study}"], return_hydra_config=True)
+        cfg = hydra_compose(config_name="config", overrides=[f"experiment={study}"], return_hydra_config=True)
     OmegaConf.to_container(cfg, resolve=False)  # every value is valid for its schema
     swept = cfg.hydra.sweeper.params or {}
     for name in str(swept.get("attention", cfg.attention.name)).split(","):

@@ -4,8 +4,67 @@ the dashboard built offline. No account or network is needed."""
 import subprocess
 import sys
 
+import pytest
+
+from bench import tracking
 from bench.dashboard import build_workspace, main
-from conftest import ROOT
+from bench.harness import new_record, run_job
+from conftest import ROOT, compose
+
+
+class FakeRun:
+    """What the suite calls on a W&B run, recorded."""
+
+    def __init__(self, **init):
+        self.init, self.defined, self.logged, self.summary, self.exit_code = init, {}, [], {}, None
+
+    def define_metric(self, name, summary):
+        self.defined[name] = summary
+
+    def log(self, metrics, step=None):
+        self.logged.append(metrics)
+
+    def finish(self, exit_code=0):
+        self.exit_code = exit_code
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    import wandb
+
+    runs = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: runs.append(FakeRun(**kwargs)) or runs[-1])
+    return runs
+
+
+TINY_LISTOPS = ["bench=accuracy", "task=listops", "task.n_train=32", "task.n_val=8", "task.n_test=8",
+                "task.min_length=10", "task.max_length=30", "seq_len=64", "batch_size=8", "model.d_model=32",
+                "model.n_heads=2", "model.n_layers=1", "model.d_ff=32", "bench.steps=4", "bench.eval_every=2",
+                "bench.progress=false", "device=cpu", "wandb.mode=offline", "wandb.tags=[nightly]"]
+
+
+def test_the_run_gets_the_cells_name_group_tags_and_config(fake_wandb, tmp_path):
+    cfg = compose(*TINY_LISTOPS)
+    record = new_record(cfg)
+    with tracking.wandb_run(cfg, record, tmp_path, group="sweep-7f3a") as tracker:
+        record = run_job(cfg, record, tracker, tmp_path)
+        tracker.summarize(record)
+    (run,) = fake_wandb
+    assert run.init["group"] == "sweep-7f3a" and run.init["name"] == tracking.run_name(record)
+    assert set(run.init["tags"]) == {"full", "accuracy", "listops", "cpu", "float32", "nightly"}
+    assert run.init["config"]["seq_len"] == 64 and run.init["job_type"] == "accuracy"
+    assert run.exit_code == 0 and run.summary["status"] == "ok" and "config" not in run.summary
+    logged = {key for metrics in run.logged for key in metrics}
+    assert run.defined == tracking.SUMMARIES
+    assert {"train_loss", "val_accuracy"} <= logged  # the summaries defined are of metrics really logged
+
+
+def test_every_summary_is_of_a_metric_some_job_logs():
+    from bench import accuracy
+
+    history = {"train_loss"} | {"val_" + data.metric.removeprefix("test_")
+                                 for data in (accuracy.ExampleData, accuracy.StreamData)}
+    assert set(tracking.SUMMARIES) == history
 
 
 def test_offline_sweep_runs_carry_group_name_tags_and_summary(tmp_path):

@@ -38,17 +38,17 @@ run_step() {
     tests) python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/tests.log" ;;
     main) mkdir -p "$out/main/work" && (cd "$out/main/work" && python3 "$repo/run.py") 2>&1 | tee "$out/main/log.txt" ;;
     scaling)
-      sweep scaling +experiment=scaling_gpu
-      sweep scaling +experiment=scaling_gpu causal=true
-      sweep scaling +experiment=scaling_gpu attention=sdpa attention.kernel=flash,efficient,cudnn causal=false,true
-      sweep scaling +experiment=scaling_gpu attention=xformers attention.op=cutlass,flash,flash3 causal=false,true ;;
+      sweep scaling experiment=scaling_gpu
+      sweep scaling experiment=scaling_gpu causal=true
+      sweep scaling experiment=scaling_gpu attention=sdpa attention.kernel=flash,efficient,cudnn causal=false,true
+      sweep scaling experiment=scaling_gpu attention=xformers attention.op=cutlass,flash,flash3 causal=false,true ;;
     harness) python3 -m bench.gpu.harness_check --out "$out/harness" ;;
     maxlen) sweep maxlen bench=maxlen attention=$exact,linformer,xl "${gpu_cell[@]}" ;;
     xl_eval) sweep xl_eval bench=xl_eval attention=xl causal=true seq_len=800,3800 device=cuda ;;
     linformer)
       sweep linformer attention=linformer attention.k=128,256 "${gpu_cell[@]}" seq_len=4096,8192,16384,32768,65536
       sweep linformer attention=full,sdpa "${gpu_cell[@]}" seq_len=4096,8192,16384,32768,65536 ;;
-    lra) sweep lra bench=accuracy +experiment=lra_listops attention=full,linformer bench.resume=true ;;
+    lra) sweep lra bench=accuracy experiment=lra_listops attention=full,linformer bench.resume=true ;;
     *) echo "recipe: unknown step $1 (tests main scaling harness maxlen xl_eval linformer lra all)" >&2; exit 2 ;;
   esac
   if [ -d "$out/$1" ]; then
