@@ -37,29 +37,37 @@ class Split:
     labels: torch.Tensor  # [N] (classification) or [N, seq_len] (language modelling, -100 = not scored)
 
 
-def encode(examples: list[listops.Example], seq_len: int) -> Split:
-    too_long = max(len(e.tokens) for e in examples)
-    if too_long > seq_len:
-        raise ValueError(f"an example has {too_long} tokens but seq_len is {seq_len}: raise seq_len")
+def encode(examples: list[listops.Example], seq_len: int) -> tuple[Split, int]:
+    """LRA's input pipeline: parentheses dropped, tokens to ids, each input cut to its first
+    ``seq_len`` tokens (LRA's ``max_length``), then padded. Returns (the split, how many were cut)."""
+    if not examples:
+        raise ValueError("no ListOps examples to encode")
     tokens = torch.full((len(examples), seq_len), listops.PAD, dtype=torch.long)
+    truncated = 0
     for i, e in enumerate(examples):
-        tokens[i, : len(e.tokens)] = torch.tensor([listops.TOKEN_ID[t] for t in e.tokens])
-    return Split(tokens, tokens != listops.PAD, torch.tensor([e.label for e in examples]))
+        ids = [listops.TOKEN_ID[t] for t in listops.model_tokens(e.tokens)]
+        truncated += len(ids) > seq_len
+        tokens[i, : min(len(ids), seq_len)] = torch.tensor(ids[:seq_len], dtype=torch.long)
+    return Split(tokens, tokens != listops.PAD, torch.tensor([e.label for e in examples])), truncated
 
 
-def listops_splits(task, seq_len: int, seed: int) -> dict[str, Split]:
-    """LRA's TSV files when ``task.data_dir`` is set, else generated splits (seeded, disjoint seeds)."""
+def listops_splits(task, seq_len: int, seed: int) -> tuple[dict[str, Split], dict[str, int]]:
+    """LRA's TSV files when ``task.data_dir`` is set, else generated splits (seeded, disjoint seeds).
+
+    Returns the splits and, per split, how many inputs were longer than ``seq_len`` and cut.
+    """
     if task.data_dir:
         folder = Path(task.data_dir)
         files = {"train": "basic_train.tsv", "val": "basic_val.tsv", "test": "basic_test.tsv"}
-        return {split: encode(listops.load_tsv(folder / name), seq_len) for split, name in files.items()}
-    sizes = {"train": task.n_train, "val": task.n_val, "test": task.n_test}
-    return {
-        split: encode(listops.generate(n, seed=seed * 1000 + i, min_length=task.min_length,
-                                       max_length=task.max_length, max_depth=task.max_depth, max_args=task.max_args),
-                      seq_len)
-        for i, (split, n) in enumerate(sizes.items())
-    }
+        examples = {split: listops.load_tsv(folder / name) for split, name in files.items()}
+    else:
+        sizes = {"train": task.n_train, "val": task.n_val, "test": task.n_test}
+        examples = {split: listops.generate(n, seed=seed * 1000 + i, min_length=task.min_length,
+                                            max_length=task.max_length, max_depth=task.max_depth,
+                                            max_args=task.max_args)
+                    for i, (split, n) in enumerate(sizes.items())}
+    encoded = {split: encode(e, seq_len) for split, e in examples.items()}
+    return {split: s for split, (s, _) in encoded.items()}, {split: n for split, (_, n) in encoded.items()}
 
 
 def recall_splits(task, seq_len: int, seed: int) -> dict[str, Split]:
@@ -159,8 +167,20 @@ class StreamData:
         return {**self.source, **{f"n_{split}_bytes": c.numel() for split, c in self.columns.items()}}
 
 
+class ListOpsData(ExampleData):
+    """ListOps splits; the record also says how many inputs were cut to ``seq_len``, if any."""
+
+    def __init__(self, cfg, device: str):
+        splits, self.truncated = listops_splits(cfg.task, cfg.seq_len, cfg.seed)
+        super().__init__(splits, cfg.batch_size, device, cfg.seed)
+
+    def describe(self) -> dict:
+        cut = {f"n_{split}_truncated": n for split, n in self.truncated.items() if n}
+        return {**super().describe(), **cut}
+
+
 def listops_data(cfg, device: str):
-    return ExampleData(listops_splits(cfg.task, cfg.seq_len, cfg.seed), cfg.batch_size, device, cfg.seed)
+    return ListOpsData(cfg, device)
 
 
 def recall_data(cfg, device: str):

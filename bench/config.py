@@ -129,8 +129,8 @@ class ListOpsTaskConfig:
     n_train: int = 20000
     n_val: int = 1000
     n_test: int = 2000
-    min_length: int = 500  # LRA: 500-2000 tokens, depth <= 10, <= 10 arguments
-    max_length: int = 2000
+    min_length: int = 500  # keep min_length < L < max_length, L = operators + digits + "]" (LRA's window)
+    max_length: int = 2000  # LRA: 500 < L < 2000, depth <= 10, <= 10 arguments; inputs are cut to seq_len
     max_depth: int = 10
     max_args: int = 10
 

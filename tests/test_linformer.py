@@ -93,12 +93,15 @@ def test_gradients_reach_the_projections():
 
 
 def test_approximation_error_shrinks_as_k_grows():
-    """Random projections: the error against exact attention falls as k approaches n."""
+    """Same query/key/value maps, random projections: the error against exact attention falls from
+    k=4 to k=16, and vanishes at k = n with identity projections."""
     torch.manual_seed(1)
     x = torch.randn(4, 64, 24, dtype=torch.float64)
+    maps = {name: t for name, t in linformer(n=64, k=64).state_dict().items() if name not in ("E", "F")}
     errors = []
     for k in (4, 16, 64):
         attn = linformer(n=64, k=k)
+        attn.load_state_dict(maps, strict=False)  # only E and F differ between the three
         with torch.no_grad():
             if k == 64:
                 attn.E.copy_(torch.eye(64)[None])
@@ -106,4 +109,5 @@ def test_approximation_error_shrinks_as_k_grows():
             y, _ = attn(x)
             attn.reference_mode = True
             errors.append((y - attn(x)[0]).abs().mean().item())
-    assert errors[2] < 1e-12 and errors[2] < errors[1]
+    assert errors[1] < errors[0], errors
+    assert errors[2] < 1e-12, errors

@@ -14,6 +14,27 @@ default). Shorter inputs use the first columns of E and F (as if the missing pos
 padding); longer inputs are refused. Padded keys and values are zeroed before projecting, so
 padding never changes the outputs of real tokens. Linformer cannot be causal: E mixes all
 positions, the future included. Cross-attention projects the context.
+
+Choices against the references (the paper writes E_i K W_i^K, with no bias; public code differs):
+
+- Where E applies. Here E and F act on the keys and values, after the key and value maps,
+  which have a bias: K' = E (X W_K + 1 b_K^T), so the bias arrives scaled by the row sums of E.
+  lucidrains' ``linformer`` and LRA's Linformer also project after the maps, but their maps have
+  no bias, so for them the order does not matter. fairseq's ``MultiheadLinearAttention``
+  compresses the layer input first and maps afterwards, K' = (E X) W_K + 1 b_K^T: with a bias
+  the two differ by ((E 1) - 1) b_K^T, and fairseq's order is cheaper (the maps run on k rows).
+- What ``kv`` ties. Here, as in the paper, ``kv`` makes F = E and keeps separate key and value
+  maps W_K, W_V; fairseq's ``shared_kv_compressed`` and LRA (one kernel per layer for keys and
+  values) do the same. lucidrains' ``share_kv=True`` ties more: it also drops the value map and
+  reuses the keys as values (W_V = W_K), a smaller model than the paper's key-value sharing.
+- Heads. ``headwise`` (the default) gives all heads of a layer one E and one F; lucidrains,
+  fairseq (by default, separate E and F) and LRA (one E = F) share across heads the same way.
+  ``none`` (a pair per head, the paper's general form) is in none of the three.
+- Padding. Padded keys and values are zeroed before E mixes them; LRA, fairseq's self-attention
+  path and lucidrains do not mask before projecting (lucidrains accepts only inputs of exactly
+  its seq_len). Shorter inputs use the first columns of E, as fairseq and LRA slice theirs.
+- Initialisation: Xavier-uniform with gain 1/sqrt(2) per [k, max_len] matrix (fairseq's);
+  LRA uses Xavier-uniform with gain 1, lucidrains uniform in +-1/sqrt(k).
 """
 
 from __future__ import annotations
