@@ -232,7 +232,8 @@ CHARLM = ["bench=accuracy", "task=charlm", "attention=xl", "attention.mem_len=16
           "bench.lr=3e-3", "bench.warmup_steps=5", "bench.progress=false", "device=cpu"]
 
 
-@pytest.mark.parametrize("task", [TINY, CHARLM], ids=["listops", "charlm-with-memory"])
+# charlm with memory takes minutes on 2 cores: slow (CI runs it; `-m "not slow"` skips it in a quick loop)
+@pytest.mark.parametrize("task", [TINY, pytest.param(CHARLM, marks=pytest.mark.slow)], ids=["listops", "charlm-with-memory"])
 def test_resume_continues_the_same_run(tmp_path, task):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     for folder in (straight, interrupted):
