@@ -369,3 +369,68 @@ def test_charlm_scores_use_eval_mem_len_and_training_keeps_its_memory():
     assert score != data.score(trained_with_2, "val")
     assert all(b.attention.mem_len == 2 for b in evaluated_with_12.encoder.blocks)
     assert all(torch.equal(a, b) and a.shape[1] == 2 for a, b in zip(carried, data.states))
+
+
+@pytest.fixture
+def one_thread():
+    """One CPU thread for the test (a tiny model on a shared machine), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_stream_eval_rescores_a_finished_charlm_job_at_other_memories(tmp_path, one_thread):
+    """bench.stream_eval: the job's best weights re-read at several evaluation memories, no
+    training; at the job's own memory it gives the job's own test figure."""
+    from bench.harness import run_job
+    from bench.records import validate
+    from bench.stream_eval import evaluate
+    from conftest import compose
+
+    from efficient.tasks import charlm
+
+    text = tmp_path / "text"
+    text.write_bytes(charlm.default_corpus()[:12_000])  # val and test: 600 bytes each
+    job = tmp_path / "job"
+    job.mkdir()
+    record = run_job(compose("bench=accuracy", "task=charlm", f"task.data_path={text}", "attention=xl",
+                             "attention.mem_len=16", "causal=true",
+                             "seq_len=16", "batch_size=4", "model.d_model=32", "model.n_heads=2", "model.n_layers=2",
+                             "model.d_ff=64", "bench.steps=6", "bench.eval_every=3", "bench.progress=false",
+                             "device=cpu", "wandb.mode=disabled", "bench.threads=1"), output_dir=job)
+    assert record["status"] == "ok", record["reason"]
+    (job / "result.json").write_text(__import__("json").dumps(record, default=str))
+    derived = evaluate(job, [0, 16, 48], out=tmp_path / "by_memory")
+    assert [(tmp_path / "by_memory" / f"eval_mem_len_{m}" / "result.json").exists() for m in (0, 16, 48)] == [True] * 3
+    by_memory = {r["attention_options"]["eval_mem_len"]: r for r in derived}
+    assert by_memory[16]["value"] == pytest.approx(record["value"], rel=1e-9)
+    assert len({r["value"] for r in derived}) == 3 and len({r["config_hash"] for r in derived}) == 3
+    assert all(validate(r) == [] and r["extra"]["val_bpc"] > 0 and r["extra"]["steps"] == 6 for r in derived)
+    (job / "best.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="best.pt does not exist"):
+        evaluate(job, [16])
+
+
+def test_recall_probe_splits_every_queried_keys_attention_into_regions(tmp_path, one_thread):
+    import json
+
+    from bench.harness import run_job
+    from bench.recall_probe import attention_mass, probe
+    from bench.stream_eval import load_job
+    from bench.accuracy import recall_splits
+    from conftest import compose
+
+    record = run_job(compose("bench=accuracy", "+experiment=recall_cpu_xl", "bench.steps=4", "bench.eval_every=2",
+                             "bench.progress=false", "wandb.mode=disabled", "bench.threads=1", "task.n_train=64",
+                             "task.n_val=32", "task.n_test=32", "model.d_model=32", "model.n_heads=2"),
+                     output_dir=tmp_path)
+    assert record["status"] == "ok", record["reason"]
+    (tmp_path / "result.json").write_text(json.dumps(record, default=str))
+    _, model = load_job(tmp_path, task="recall")
+    cfg = record["config"]["task"]
+    split = recall_splits(__import__("omegaconf").OmegaConf.create(cfg), 128, 0)["test"]
+    mass = attention_mass(model, split, cfg["n_pairs"], 16)  # [layers, heads, regions + prev]
+    assert mass.shape == (2, 2, 6) and torch.allclose(mass[..., :5].sum(-1), torch.ones(2, 2), atol=1e-5)
+    assert all(b.attention.last_probs is None for b in model.encoder.blocks)
+    assert "| 1.1 |" in probe(tmp_path, examples=16)

@@ -85,6 +85,7 @@ class XLAttention(Attention):
                 raise ValueError(f"xl: same_length needs {name} > 0 (a window of {name} keys), got 0")
         self.mem_len, self.clamp_len, self.same_length, self.untie_r = mem_len, clamp_len, same_length, untie_r
         self.eval_mem_len = eval_mem_len
+        self.keep_probs, self.last_probs = False, None  # keep_probs: last_probs [b, h, n, klen]
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.kv_proj = nn.Linear(d_model, 2 * d_model, bias=False)
         self.r_net = nn.Linear(d_model, d_model, bias=False)  # W_R
@@ -152,6 +153,8 @@ class XLAttention(Attention):
         probs = scores.softmax(dim=-1)
         if visible is not None:
             probs = probs * visible.any(dim=-1, keepdim=True)  # rows that see no key -> 0
+        if self.keep_probs:  # for inspection (bench.recall_probe): where each head looks
+            self.last_probs = probs.detach()
         if self.training and self.dropout > 0:
             probs = nn.functional.dropout(probs, self.dropout)
         out = einsum(probs.to(v.dtype), v, "b h i j, b h j d -> b h i d")
