@@ -26,7 +26,7 @@ from bench.config import model_size
 from bench.speed import attention_options
 from efficient.attention import attention_factory, get_backend
 from efficient.models import CausalLM, EncoderClassifier
-from efficient.recurrence import evaluate_stream, ordered_columns, segment_loss
+from efficient.recurrence import eval_mem_len, evaluate_stream, ordered_columns, segment_loss
 from efficient.tasks import charlm, listops, recall
 
 
@@ -130,7 +130,8 @@ class StreamData:
     Training reads ``batch_size`` contiguous columns of the training stream ``seq_len`` tokens at
     a time, in order, handing each layer's memory (Transformer-XL) from one step to the next;
     the memory is reset when the columns wrap around. Validation and test read their streams
-    the same way (``efficient.recurrence``), so a model with memory is scored with memory.
+    the same way (``efficient.recurrence``), so a model with memory is scored with memory: that
+    of ``attention.eval_mem_len`` where set (the paper evaluates with a longer one).
     """
 
     metric, higher_is_better = "test_bpc", False
@@ -155,7 +156,10 @@ class StreamData:
         return segment_loss(model, train[:, : self.seq_len], train[:, 1 : self.seq_len + 1], self.states)[0]
 
     def score(self, model: CausalLM, split: str) -> float:
-        return evaluate_stream(model, self.columns[split], self.seq_len) / math.log(2)  # nats -> bits per byte
+        """Bits per byte on ``split``, with the memory the layers ask for at evaluation
+        (Transformer-XL's ``eval_mem_len``; None: the training memory)."""
+        nats = evaluate_stream(model, self.columns[split], self.seq_len, mem_len=eval_mem_len(model))
+        return nats / math.log(2)
 
     def state_dict(self) -> dict:
         return {"position": self.position, "states": self.states}

@@ -60,7 +60,8 @@ def layer_flops(cfg, shape: Shape) -> tuple[float, float]:
     backend = get_backend(cfg.attention.name)
     core = backend.flops(shape, **attention_options(cfg))
     tokens, d = shape.batch * shape.q_len, shape.d_model
-    linear = 2 * tokens * d * d * 4  # q, k, v and output projections
+    key_tokens = shape.batch * shape.k_len  # the queries' tokens plus a memory's (Transformer-XL)
+    linear = 2 * d * d * (2 * tokens + 2 * key_tokens)  # q and output; k and v over every key
     if cfg.bench.scope.value == "model":
         linear += 2 * tokens * d * cfg.model.d_ff * 2  # the FFN
         core, linear = core * cfg.model.n_layers, linear * cfg.model.n_layers

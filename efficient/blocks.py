@@ -25,6 +25,10 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """pre-LN:  h = x + drop(attn(LN(x)));   y = h + drop(ffn(LN(h)))
     post-LN: h = LN(x + drop(attn(x)));   y = LN(h + drop(ffn(h)))   (Vaswani et al. 2017)
+
+    A stateful attention (Transformer-XL) keeps x itself in its memory: in pre-LN it is handed
+    x and the block's LayerNorm and normalises [memory ; x] inside, as the reference does, so
+    that the memory is normalised with the current weights and their gradient flows through it.
     """
 
     def __init__(self, attention: Attention, d_ff: int, dropout: float = 0.0, norm: str = "pre"):
@@ -40,7 +44,10 @@ class TransformerBlock(nn.Module):
     def forward(self, x, key_padding_mask=None, causal=False, state=None):
         """x [b, n, d] -> (y [b, n, d], the attention's new state)."""
         if self.norm == "pre":
-            a, state = self.attention(self.ln_attention(x), None, key_padding_mask, causal, state)
+            if self.attention.capabilities.stateful:
+                a, state = self.attention(x, None, key_padding_mask, causal, state, norm=self.ln_attention)
+            else:
+                a, state = self.attention(self.ln_attention(x), None, key_padding_mask, causal, state)
             h = x + self.drop(a)
             return h + self.drop(self.ffn(self.ln_ffn(h))), state
         a, state = self.attention(x, None, key_padding_mask, causal, state)

@@ -232,13 +232,205 @@ def test_streamed_evaluation_equals_the_windowed_one_pass_loss():
     assert abs(streamed - one_pass) < 1e-10
 
 
-def test_evaluation_can_use_a_longer_memory_than_training():
+def tiny_lm(seed=0, **options) -> CausalLM:
+    torch.manual_seed(seed)
     size = ModelSize(d_model=D, n_heads=H, n_layers=2, d_ff=32, dropout=0.0)
-    model = CausalLM(30, 64, size, attention_factory("xl", D, H, mem_len=2)).double()
+    return CausalLM(30, 64, size, attention_factory("xl", D, H, **options)).double()
+
+
+def test_evaluation_can_use_a_longer_memory_than_training_and_keeps_the_training_one():
+    model = tiny_lm(mem_len=2)
     columns = ordered_columns(torch.randint(30, (64,)), 2)
     short = evaluate_stream(model, columns, tgt_len=4)
     longer = evaluate_stream(model, columns, tgt_len=4, mem_len=12)
-    assert all(b.attention.mem_len == 12 for b in model.encoder.blocks)
-    assert short != longer
+    assert all(b.attention.mem_len == 2 for b in model.encoder.blocks)  # restored
+    assert model.training  # and the mode too
+    assert longer == evaluate_stream(tiny_lm(mem_len=12), columns, tgt_len=4)  # same weights, memory 12
+    assert short != longer and evaluate_stream(model, columns, tgt_len=4) == short
     set_mem_len(model, 0)
     assert evaluate_stream(model, columns, tgt_len=4) != short
+
+
+def test_stream_evaluation_restores_the_memory_length_when_it_fails(monkeypatch):
+    from efficient import recurrence
+
+    model = tiny_lm(mem_len=2)
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("a segment failed")
+
+    monkeypatch.setattr(recurrence, "segment_loss", fails)
+    with pytest.raises(RuntimeError, match="a segment failed"):
+        evaluate_stream(model, ordered_columns(torch.randint(30, (64,)), 2), tgt_len=4, mem_len=12)
+    assert all(b.attention.mem_len == 2 for b in model.encoder.blocks) and model.training
+
+
+def test_eval_mem_len_is_an_option_the_evaluator_reads():
+    from efficient.recurrence import eval_mem_len
+
+    assert eval_mem_len(tiny_lm(mem_len=2)) is None  # evaluate with the training memory
+    model = tiny_lm(mem_len=2, eval_mem_len=12)
+    assert eval_mem_len(model) == 12 and all(b.attention.mem_len == 2 for b in model.encoder.blocks)
+    with pytest.raises(ValueError, match="eval_mem_len must be >= 0"):
+        xl(mem_len=2, eval_mem_len=-1)
+
+
+def test_same_length_with_an_empty_memory_is_refused_not_zeros():
+    """A same_length window of mem_len = 0 keys would output all-zero attention: refused at
+    construction, by the evaluator (which changes nothing), and by the layer itself."""
+    with pytest.raises(ValueError, match="same_length needs eval_mem_len > 0"):
+        xl(mem_len=4, same_length=True, eval_mem_len=0)
+    model = tiny_lm(mem_len=4, same_length=True)
+    columns = ordered_columns(torch.randint(30, (64,)), 2)
+    with pytest.raises(ValueError, match="same_length"):
+        evaluate_stream(model, columns, tgt_len=4, mem_len=0)
+    assert all(b.attention.mem_len == 4 for b in model.encoder.blocks)
+    assert evaluate_stream(model, columns, tgt_len=4, mem_len=8) > 0  # a memory > 0 is fine
+    attn = xl(mem_len=4, same_length=True)
+    attn.mem_len = 0
+    with pytest.raises(ValueError, match="same_length needs mem_len > 0"):
+        attn(torch.randn(1, 3, D, dtype=torch.float64), causal=True)
+
+
+# -- pre-LN: the memory keeps the block input --------------------------------------------------
+def test_pre_ln_memory_keeps_the_block_input_and_layernorm_gets_gradient_through_it():
+    """A pre-LN block streaming x1 then x2 (memory 6 = all of x1) equals one causal pass over
+    [x1 ; x2] on x2's outputs *and* on every parameter's gradient: the memory holds x1 itself
+    (the reference's layer input), normalised inside the layer with the current LayerNorm, so
+    LayerNorm's gradient flows through the memory's keys and values. A memory of LN(x1),
+    detached, would give LayerNorm only the segment's share."""
+    from efficient.blocks import TransformerBlock
+
+    torch.manual_seed(0)
+    block = TransformerBlock(xl(mem_len=6), d_ff=32, norm="pre").double()
+    with torch.no_grad():  # LayerNorm away from its identity start, so that its weights matter
+        for p in block.ln_attention.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x1, x2 = torch.randn(2, 6, D, dtype=torch.float64), torch.randn(2, 4, D, dtype=torch.float64)
+    weights = torch.randn(2, 4, D, dtype=torch.float64)
+    _, memory = block(x1, causal=True)
+    assert torch.equal(memory, x1)  # the block's input, not LN(x1)
+    y_streamed, _ = block(x2, causal=True, state=memory)
+    (y_streamed * weights).sum().backward()
+    streamed = {name: p.grad.clone() for name, p in block.named_parameters()}
+    block.zero_grad()
+    y_all, _ = block(torch.cat([x1, x2], dim=1), causal=True)
+    assert torch.allclose(y_all[:, 6:], y_streamed, atol=1e-12)
+    (y_all[:, 6:] * weights).sum().backward()
+    for name, p in block.named_parameters():
+        assert torch.allclose(p.grad, streamed[name], atol=1e-10), name
+
+
+# -- FLOPs ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal,n,m", [(False, 12, 0), (True, 12, 0), (True, 8, 5)])
+def test_flop_model_matches_a_flop_counter(causal, n, m):
+    """The speed bench's forward FLOPs of one xl layer (bench.speed.layer_flops, what its TFLOP/s
+    divide) against torch's FLOP counter over the layer's forward. Not causal: equal. Causal: the
+    model counts the AC, BD and value products on their visible share only (FlashAttention's
+    convention), the counter counts them whole: the gap is exactly the masked share."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.speed import cell_shape, layer_flops
+    from conftest import compose
+
+    b, klen = 2, n + m
+    cfg = compose("attention=xl", f"attention.mem_len={m}", f"seq_len={n}", f"batch_size={b}",
+                  f"model.d_model={D}", f"model.n_heads={H}", f"causal={str(causal).lower()}", "device=cpu")
+    modelled = layer_flops(cfg, cell_shape(cfg, "cpu"))[0]
+    attn = xl(mem_len=m)
+    x = torch.randn(b, n, D, dtype=torch.float64)
+    memory = torch.randn(b, m, D, dtype=torch.float64) if m else None
+    with FlopCounterMode(display=False) as counter:
+        attn(x, causal=causal, state=memory)
+    counted = counter.get_total_flops()
+    masked = 0.0
+    if causal:
+        visible_pairs = n * m + n * (n + 1) / 2
+        masked = 3 * 2 * b * H * (D // H) * (n * klen - visible_pairs)
+    assert counted - modelled == pytest.approx(masked, rel=1e-12, abs=1e-6)
+
+
+def test_charlm_scores_use_eval_mem_len_and_training_keeps_its_memory():
+    """The accuracy bench's val/test bits per byte use attention.eval_mem_len; the training
+    memory (mem_len, and the memory carried between training steps) is left as it was."""
+    import math
+
+    from bench.accuracy import StreamData
+
+    stream = torch.randint(30, (4 * 40,))
+    data = StreamData({"train": stream, "val": stream, "test": stream}, batch_size=4, seq_len=4, device="cpu",
+                      source={})
+    trained_with_2 = tiny_lm(mem_len=2)
+    evaluated_with_12 = tiny_lm(mem_len=2, eval_mem_len=12)  # the same weights
+    data.train_loss(evaluated_with_12)
+    carried = [s.clone() for s in data.states]
+    score = data.score(evaluated_with_12, "val")
+    assert score == evaluate_stream(trained_with_2, data.columns["val"], 4, mem_len=12) / math.log(2)
+    assert score != data.score(trained_with_2, "val")
+    assert all(b.attention.mem_len == 2 for b in evaluated_with_12.encoder.blocks)
+    assert all(torch.equal(a, b) and a.shape[1] == 2 for a, b in zip(carried, data.states))
+
+
+@pytest.fixture
+def one_thread():
+    """One CPU thread for the test (a tiny model on a shared machine), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_stream_eval_rescores_a_finished_charlm_job_at_other_memories(tmp_path, one_thread):
+    """bench.stream_eval: the job's best weights re-read at several evaluation memories, no
+    training; at the job's own memory it gives the job's own test figure."""
+    from bench.harness import run_job
+    from bench.records import validate
+    from bench.stream_eval import evaluate
+    from conftest import compose
+
+    from efficient.tasks import charlm
+
+    text = tmp_path / "text"
+    text.write_bytes(charlm.default_corpus()[:12_000])  # val and test: 600 bytes each
+    job = tmp_path / "job"
+    job.mkdir()
+    record = run_job(compose("bench=accuracy", "task=charlm", f"task.data_path={text}", "attention=xl",
+                             "attention.mem_len=16", "causal=true",
+                             "seq_len=16", "batch_size=4", "model.d_model=32", "model.n_heads=2", "model.n_layers=2",
+                             "model.d_ff=64", "bench.steps=6", "bench.eval_every=3", "bench.progress=false",
+                             "device=cpu", "wandb.mode=disabled", "bench.threads=1"), output_dir=job)
+    assert record["status"] == "ok", record["reason"]
+    (job / "result.json").write_text(__import__("json").dumps(record, default=str))
+    derived = evaluate(job, [0, 16, 48], out=tmp_path / "by_memory")
+    assert [(tmp_path / "by_memory" / f"eval_mem_len_{m}" / "result.json").exists() for m in (0, 16, 48)] == [True] * 3
+    by_memory = {r["attention_options"]["eval_mem_len"]: r for r in derived}
+    assert by_memory[16]["value"] == pytest.approx(record["value"], rel=1e-9)
+    assert len({r["value"] for r in derived}) == 3 and len({r["config_hash"] for r in derived}) == 3
+    assert all(validate(r) == [] and r["extra"]["val_bpc"] > 0 and r["extra"]["steps"] == 6 for r in derived)
+    (job / "best.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="best.pt does not exist"):
+        evaluate(job, [16])
+
+
+def test_recall_probe_splits_every_queried_keys_attention_into_regions(tmp_path, one_thread):
+    import json
+
+    from bench.harness import run_job
+    from bench.recall_probe import attention_mass, probe
+    from bench.stream_eval import load_job
+    from bench.accuracy import recall_splits
+    from conftest import compose
+
+    record = run_job(compose("bench=accuracy", "+experiment=recall_cpu_xl", "bench.steps=4", "bench.eval_every=2",
+                             "bench.progress=false", "wandb.mode=disabled", "bench.threads=1", "task.n_train=64",
+                             "task.n_val=32", "task.n_test=32", "model.d_model=32", "model.n_heads=2"),
+                     output_dir=tmp_path)
+    assert record["status"] == "ok", record["reason"]
+    (tmp_path / "result.json").write_text(json.dumps(record, default=str))
+    _, model = load_job(tmp_path, task="recall")
+    cfg = record["config"]["task"]
+    split = recall_splits(__import__("omegaconf").OmegaConf.create(cfg), 128, 0)["test"]
+    mass = attention_mass(model, split, cfg["n_pairs"], 16)  # [layers, heads, regions + prev]
+    assert mass.shape == (2, 2, 6) and torch.allclose(mass[..., :5].sum(-1), torch.ones(2, 2), atol=1e-5)
+    assert all(b.attention.last_probs is None for b in model.encoder.blocks)
+    assert "| 1.1 |" in probe(tmp_path, examples=16)

@@ -12,6 +12,9 @@ and called as ``y, state = attn(x, context=None, key_padding_mask=None, causal=F
     state             a backend's recurrent state (Transformer-XL memory) or None
     y                 [batch, q_len, d_model]; a query that sees no key at all outputs zeros
 
+A stateful backend (``capabilities.stateful``) also takes ``norm``: a pre-LN block's LayerNorm,
+which the backend applies to [state ; x] itself, its state then holding un-normalised inputs.
+
 A backend's options are the keyword-only arguments of its ``__init__``; their annotations are
 the schema Hydra validates ``conf/attention/<name>.yaml`` against. Adding a backend is one
 module in this package (decorated with ``@register``) plus that yaml.

@@ -21,12 +21,19 @@ or a labelled streaming encoder) gathers the relative logits of future keys expl
 
 Memory (``state``): the layer's input for the last ``mem_len`` positions, detached, empty
 (None) at the first segment; pass ``state=None`` to reset. ``same_length``: every query sees
-exactly ``mem_len`` keys (a sliding window).
+exactly ``mem_len`` keys (a sliding window). ``eval_mem_len``: the memory a stream evaluator
+gives the layer (``efficient.recurrence``); None keeps ``mem_len``.
+
+Pre-LN (``norm``): the block hands its LayerNorm to the layer, the memory keeps the block's
+input h (not LN(h)), and the layer normalises [memory ; segment] on every call, as the
+reference does with ``pre_lnorm``: the memory is normalised with the current LayerNorm weights,
+and their gradient flows through the memory's keys and values too.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from einops import einsum, rearrange
@@ -69,11 +76,17 @@ class XLAttention(Attention):
     option_bounds = {"mem_len": Bound(0), "clamp_len": Bound(-1)}
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, *, mem_len: int = 0,
-                 clamp_len: int = -1, same_length: bool = False, untie_r: bool = False):
+                 clamp_len: int = -1, same_length: bool = False, untie_r: bool = False,
+                 eval_mem_len: Optional[int] = None):
         super().__init__(d_model, n_heads, dropout)
-        if same_length and mem_len == 0:
-            raise ValueError("xl: same_length needs mem_len > 0 (a window of mem_len keys)")
+        for name, length in (("mem_len", mem_len), ("eval_mem_len", eval_mem_len)):
+            if length is not None and length < 0:
+                raise ValueError(f"xl: {name} must be >= 0, got {length}")
+            if same_length and length == 0:
+                raise ValueError(f"xl: same_length needs {name} > 0 (a window of {name} keys), got 0")
         self.mem_len, self.clamp_len, self.same_length, self.untie_r = mem_len, clamp_len, same_length, untie_r
+        self.eval_mem_len = eval_mem_len
+        self.keep_probs, self.last_probs = False, None  # keep_probs: last_probs [b, h, n, klen]
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.kv_proj = nn.Linear(d_model, 2 * d_model, bias=False)
         self.r_net = nn.Linear(d_model, d_model, bias=False)  # W_R
@@ -106,21 +119,28 @@ class XLAttention(Attention):
             return None
         return torch.randn(batch, self.mem_len, self.d_model, device=device, dtype=dtype)
 
-    def forward(self, x, context=None, key_padding_mask=None, causal=False, state=None):
-        """x [b, n, d]; state: memory [b, m, d] or None -> (y [b, n, d], new memory or None)."""
+    def forward(self, x, context=None, key_padding_mask=None, causal=False, state=None, norm=None):
+        """x [b, n, d]; state: memory [b, m, d] or None -> (y [b, n, d], new memory or None).
+
+        norm: the pre-LN block's LayerNorm, applied here to [memory ; x] (x and the memory
+        are then un-normalised block inputs); None: x is used as it comes (post-LN).
+        """
         if context is not None:
             raise Unsupported("xl attends over its own segment and memory; it has no cross-attention")
         if not self.reference_mode:
             self.check_call(x, None, key_padding_mask, causal)
         if not causal and state is not None:
             raise Unsupported("xl without causal runs over one segment (mem_len=0): a memory needs causal=true")
+        if causal and self.same_length and self.mem_len <= 0:  # a window of no keys: zeros, silently
+            raise ValueError(f"xl: same_length needs mem_len > 0 (a window of mem_len keys), got {self.mem_len}")
         b, n, _ = x.shape
         memory = state if state is not None else x.new_zeros(b, 0, self.d_model)
         m = memory.shape[1]
-        h = torch.cat([memory.to(x.dtype), x], dim=1)  # [b, klen, d]
+        h = torch.cat([memory.to(x.dtype), x], dim=1)  # [b, klen, d]: what the next memory keeps
         klen = m + n
-        q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.n_heads)
-        k, v = rearrange(self.kv_proj(h), "b m (two h d) -> two b h m d", two=2, h=self.n_heads)
+        h_in = h if norm is None else norm(h)  # pre-LN: LN([memory ; x]) with today's weights
+        q = rearrange(self.q_proj(h_in[:, m:]), "b n (h d) -> b h n d", h=self.n_heads)
+        k, v = rearrange(self.kv_proj(h_in), "b m (two h d) -> two b h m d", two=2, h=self.n_heads)
         compute = torch.promote_types(x.dtype, torch.float32)
 
         ac = einsum((q + self.u[:, None]).to(compute), k.to(compute), "b h i d, b h j d -> b h i j")
@@ -134,6 +154,8 @@ class XLAttention(Attention):
         probs = scores.softmax(dim=-1)
         if visible is not None:
             probs = probs * visible.any(dim=-1, keepdim=True)  # rows that see no key -> 0
+        if self.keep_probs:  # for inspection (bench.recall_probe): where each head looks
+            self.last_probs = probs.detach()
         if self.training and self.dropout > 0:
             probs = nn.functional.dropout(probs, self.dropout)
         out = einsum(probs.to(v.dtype), v, "b h i j, b h j d -> b h i d")
@@ -178,14 +200,27 @@ class XLAttention(Attention):
 
     @classmethod
     def flops(cls, shape: Shape, **options) -> float:
-        """AC, BD and the value sum: 3 x 2*B*H*n*klen*D (full has 2), on the visible share.
+        """Forward FLOPs of the core: the matmuls ``forward`` runs beyond the four projections.
 
-        ``shape.k_len`` is the key length: the memory plus the segment.
+        ``shape.k_len`` is the key length klen: the memory plus the segment. Per head and batch,
+        with P the relative distances the position term is computed for:
+            AC (q+u) k^T      2 n klen D
+            BD (q+v) (W_R R)^T 2 n P D     causal: P = klen (distances klen-1..0, then shifted);
+                                          not causal: P = klen + n - 1 (future keys too, gathered)
+            probs . v         2 n klen D
+        plus W_R R, 2 P d_model^2 (once, shared by the batch). Causal: the n x klen products are
+        counted on their visible share only (FlashAttention's convention, as for every backend),
+        although xl computes them whole; a FLOP counter sees the masked share too.
         """
         n, klen = shape.q_len, shape.k_len
-        visible = (klen - n + (n + 1) / 2) / klen if shape.causal else 1.0
-        core = 6.0 * shape.batch * shape.n_heads * n * klen * shape.head_dim * visible
-        return core + 2.0 * klen * shape.d_model * shape.d_model  # W_R R
+        per_key = 2.0 * shape.batch * shape.n_heads * n * shape.head_dim
+        if shape.causal:
+            visible = (klen - n + (n + 1) / 2) / klen
+            core, positions = 3 * per_key * klen * visible, klen
+        else:
+            positions = klen + n - 1
+            core = per_key * (2 * klen + positions)
+        return core + 2.0 * positions * shape.d_model * shape.d_model  # + W_R R
 
     @classmethod
     def memory_bytes(cls, shape: Shape, training: bool, **options) -> float:
