@@ -421,7 +421,7 @@ def test_recall_probe_splits_every_queried_keys_attention_into_regions(tmp_path,
     from bench.accuracy import recall_splits
     from conftest import compose
 
-    record = run_job(compose("bench=accuracy", "+experiment=recall_cpu_xl", "bench.steps=4", "bench.eval_every=2",
+    record = run_job(compose("bench=accuracy", "experiment=recall_cpu_xl", "bench.steps=4", "bench.eval_every=2",
                              "bench.progress=false", "wandb.mode=disabled", "bench.threads=1", "task.n_train=64",
                              "task.n_val=32", "task.n_test=32", "model.d_model=32", "model.n_heads=2"),
                      output_dir=tmp_path)

@@ -73,7 +73,7 @@ def relative_index(n: int, klen: int, device) -> torch.Tensor:
 class XLAttention(Attention):
     name = "xl"
     capabilities = Capabilities(cross_attention=False, stateful=True, exact=False, relative_positions=True)
-    option_bounds = {"mem_len": Bound(0), "clamp_len": Bound(-1)}
+    option_bounds = {"mem_len": Bound(0), "clamp_len": Bound(-1), "eval_mem_len": Bound(0)}
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, *, mem_len: int = 0,
                  clamp_len: int = -1, same_length: bool = False, untie_r: bool = False,
