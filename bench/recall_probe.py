@@ -7,9 +7,10 @@ JOB_DIR is a finished ``bench=accuracy task=recall`` job with an ``xl`` model (i
 sequences of the training, validation and test splits (memorising the training set shows as
 training accuracy far above test), and for every layer and head the mean attention mass that a
 queried key's position (where the value is predicted) puts on: the value of the queried pair,
-its key, the other pairs, the filler, the query region (itself included). ``prev`` is the
-mean mass every position puts on the position just before it (a previous-token head: the first
-half of the recall circuit, which copies each key into its value's position).
+its key, the other pairs' values, their keys, the filler, the query region (itself included).
+``prev@values`` is the mean mass each pair's value position puts on its key, just before it (a
+previous-token head: the first half of the textbook recall circuit, which copies each key
+into its value's position).
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from bench.accuracy import Split, accuracy_of, recall_splits
 from bench.stream_eval import load_job
 from efficient.tasks import recall
 
-REGIONS = ("value", "key", "other pairs", "filler", "queries")
+REGIONS = ("value", "key", "other values", "other keys", "filler", "queries")
 
 
 @torch.no_grad()
 def attention_mass(model, split: Split, n_pairs: int, batch_size: int) -> torch.Tensor:
-    """[layers, heads, len(REGIONS) + 1]: mean attention mass at queried keys by region, + prev."""
+    """[layers, heads, len(REGIONS) + 1]: mean attention mass at queried keys by region, + prev@values."""
     layers = [block.attention for block in model.encoder.blocks]
     for layer in layers:
         layer.keep_probs = True
@@ -40,16 +41,16 @@ def attention_mass(model, split: Split, n_pairs: int, batch_size: int) -> torch.
             model(tokens)
             probs = torch.stack([layer.last_probs for layer in layers], dim=1)  # [b, L, h, n, n]
             b, _, _, n, _ = probs.shape
-            # every position's mass on the one before it
-            diagonal = probs.diagonal(offset=-1, dim1=-2, dim2=-1).sum(-1) / (n - 1)  # [b, L, h]
-            prev = diagonal.sum(0) if prev is None else prev + diagonal.sum(0)
+            # each pair's value position (odd, < 2 n_pairs): its mass on the key just before it
+            diagonal = probs.diagonal(offset=-1, dim1=-2, dim2=-1)[..., 0 : 2 * n_pairs : 2]  # [b, L, h, pairs]
+            prev = diagonal.mean(-1).sum(0) if prev is None else prev + diagonal.mean(-1).sum(0)
             for i, t in zip(*torch.nonzero(labels != recall.IGNORE, as_tuple=True)):
                 pair_keys = tokens[i, 0 : 2 * n_pairs : 2]
                 key_at = 2 * int(torch.nonzero(pair_keys == tokens[i, t])[0])
                 query_start = int(torch.nonzero(labels[i] != recall.IGNORE)[0])
                 row = probs[i, :, :, t]  # [L, h, n]
-                parts = [row[..., key_at + 1], row[..., key_at],
-                         row[..., : 2 * n_pairs].sum(-1) - row[..., key_at] - row[..., key_at + 1],
+                values, keys = row[..., 1 : 2 * n_pairs : 2].sum(-1), row[..., 0 : 2 * n_pairs : 2].sum(-1)
+                parts = [row[..., key_at + 1], row[..., key_at], values - row[..., key_at + 1], keys - row[..., key_at],
                          row[..., 2 * n_pairs : query_start].sum(-1), row[..., query_start : t + 1].sum(-1)]
                 mass = torch.stack(parts, dim=-1)  # [L, h, regions]
                 sums = mass if sums is None else sums + mass
@@ -71,7 +72,7 @@ def probe(job: Path, examples: int = 1000) -> str:
     options = ", ".join(f"{k}={v}" for k, v in record["attention_options"].items())
     lines = [f"**{record['attention']} ({options})**: accuracy on the first {examples} sequences: "
              + ", ".join(f"{name} {100 * a:.1f}%" for name, a in accuracy.items()),
-             "", "| layer.head | " + " | ".join(REGIONS) + " | prev |", "|---|" + "---:|" * (len(REGIONS) + 1)]
+             "", "| layer.head | " + " | ".join(REGIONS) + " | prev@values |", "|---|" + "---:|" * (len(REGIONS) + 1)]
     for layer in range(mass.shape[0]):
         for head in range(mass.shape[1]):
             lines.append(f"| {layer}.{head} | " + " | ".join(f"{v:.3f}" for v in mass[layer, head].tolist()) + " |")

@@ -73,12 +73,11 @@ def evaluate(job: Path, eval_mem_lens: list[int], out: Path | None = None, devic
             value=bpc["test"], config_hash=records.config_hash(derived["config"]),
             wall_s=time.perf_counter() - started, threads=torch.get_num_threads(),
             git_sha=records.git_sha(), versions=records.versions(),
-            note=(f"the best weights of {job} (trained with mem_len={config['attention'].get('mem_len')}), "
-                  f"evaluated with eval_mem_len={mem_len} by bench.stream_eval; the training figures "
-                  f"(steps, tokens/s, peak memory, train_seconds) are that job's"),
+            note=(f"bench.stream_eval: the job {record['config_hash']}'s best weights (mem_len="
+                  f"{config['attention'].get('mem_len')}) read with eval_mem_len={mem_len}; training figures are that job's"),
         )
         derived["extra"] = {**record["extra"], "val_bpc": bpc["val"], "evaluated_from": str(job),
-                            "trained_git_sha": record.get("git_sha")}
+                            "trained_config_hash": record["config_hash"], "trained_git_sha": record.get("git_sha")}
         derived.pop("_path", None)
         records.write_atomic(out / f"eval_mem_len_{mem_len}" / records.RESULT_FILE, derived)
         written.append(derived)

@@ -431,6 +431,6 @@ def test_recall_probe_splits_every_queried_keys_attention_into_regions(tmp_path,
     cfg = record["config"]["task"]
     split = recall_splits(__import__("omegaconf").OmegaConf.create(cfg), 128, 0)["test"]
     mass = attention_mass(model, split, cfg["n_pairs"], 16)  # [layers, heads, regions + prev]
-    assert mass.shape == (2, 2, 6) and torch.allclose(mass[..., :5].sum(-1), torch.ones(2, 2), atol=1e-5)
+    assert mass.shape == (2, 2, 7) and torch.allclose(mass[..., :6].sum(-1), torch.ones(2, 2), atol=1e-5)
     assert all(b.attention.last_probs is None for b in model.encoder.blocks)
     assert "| 1.1 |" in probe(tmp_path, examples=16)
