@@ -1,6 +1,6 @@
 """Entry point: one Hydra job = one measurement = one result.json (+ one W&B run).
 
-    python run.py                                   # the default sweep for this machine
+    python run.py                                   # the main job: the default sweep for this machine
     python run.py attention=full seq_len=2048       # one cell
     python run.py -m attention=full seq_len=1024,2048,4096   # a sweep
     python run.py -m ... hydra.sweep.dir=D resume=true       # finish a sweep: skip recorded cells
@@ -24,6 +24,7 @@ from hydra.types import RunMode
 import bench.config  # noqa: F401  (registers the structured configs)
 from bench import records, resume, tracking
 from bench.harness import new_record, run_job
+
 
 def main_job() -> list[str]:
     """The arguments of the main job: the study conf/experiment/main_{gpu,cpu}.yaml for this machine."""
