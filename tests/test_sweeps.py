@@ -120,7 +120,9 @@ def longest(*overrides):
 def test_maxlen_doubles_then_bisects_to_the_resolution():
     full = longest("attention=full", "bench.memory_budget_gib=1", "seq_len=256")
     chunked = longest("attention=chunked", "bench.memory_budget_gib=1", "seq_len=256")
-    assert chunked["value"] > 8 * full["value"]  # linear against quadratic memory
+    # linear against quadratic memory: at 1 GiB the guard admits 15,104 tokens for chunked
+    # (its model counts its [n, d] tensors) against 2,304 for full
+    assert chunked["value"] > 4 * full["value"]
     for record in (full, chunked):
         extra = record["extra"]
         tried = [t["seq_len"] for t in extra["tried"]]
