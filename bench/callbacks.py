@@ -9,7 +9,9 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from bench import report, resume, tracking
+from bench import resume, tracking
+from bench.analysis import report
+from bench.records import load_records
 
 
 class SweepReport(Callback):
@@ -30,7 +32,7 @@ class SweepReport(Callback):
         if config.get("resume"):
             skipped = resume.count_skipped(sweep_dir, getattr(self, "started", 0.0))
             print(f"resume: skipped {skipped} cell(s) already recorded in {sweep_dir}")
-        rows = report.load(sweep_dir)
+        rows = load_records(sweep_dir)
         if not rows:
             return
         text = report.markdown(rows)

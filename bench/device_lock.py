@@ -6,7 +6,8 @@ something untrue; two max-length searches on one GPU take each other's memory. S
 holds an exclusive ``flock`` on a file named after its device (the GPU's UUID, or the host for
 the CPU) while it measures, and the others wait their turn: a parallel launcher's timing jobs
 are serialised per device, while jobs on different GPUs (SLURM, Ray with ``num_gpus: 1``) run
-side by side. Accuracy jobs do not take the lock; they may share a machine.
+side by side. Accuracy jobs do not take the lock; they may share a machine (a bench says which it
+is: ``Bench.exclusive``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-
-TIMING_BENCHES = frozenset({"speed", "xl_eval", "maxlen"})
 
 
 def lock_path(device: str) -> Path:

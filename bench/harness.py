@@ -18,15 +18,10 @@ from contextlib import nullcontext
 import torch
 from omegaconf import OmegaConf
 
-from efficient.attention import Cell, Unavailable, Unsupported, get_backend
 from bench import device_lock, measure, records
-from bench.speed import PredictedOOM, attention_options, run_speed
-from bench.accuracy import run_accuracy
-from bench.maxlen import run_maxlen
-from bench.xl_eval import run_xl_eval
-
-# name -> run(cfg, device, tracker=None, output_dir=None) -> the record's measured fields
-BENCHES = {"speed": run_speed, "xl_eval": run_xl_eval, "accuracy": run_accuracy, "maxlen": run_maxlen}
+from bench.benches import get_bench
+from bench.cell import PredictedOOM, attention_options
+from efficient.attention import Cell, Unavailable, Unsupported, get_backend
 
 
 def new_record(cfg) -> dict:
@@ -88,11 +83,11 @@ def run_job(cfg, record: dict | None = None, tracker=None, output_dir=None) -> d
             torch.set_num_threads(cfg.bench.get("threads") or os.cpu_count() or 1)
         record["threads"] = torch.get_num_threads()
         check_supported(cfg, device)
-        exclusive = cfg.bench.name in device_lock.TIMING_BENCHES
-        with device_lock.held(device) if exclusive else nullcontext(None) as waited:
+        bench = get_bench(cfg.bench.name)
+        with device_lock.held(device) if bench.exclusive else nullcontext(None) as waited:
             record["device_lock_wait_s"] = waited
             torch.manual_seed(cfg.seed)
-            record.update(BENCHES[cfg.bench.name](cfg, device, tracker=tracker, output_dir=output_dir))
+            record.update(bench.run(cfg, device, tracker=tracker, output_dir=output_dir))
         record.update(status="ok", final=True)
     except Unavailable as e:
         record.update(status="unsupported", reason=str(e), final=False)
@@ -124,6 +119,3 @@ def check_supported(cfg, device: str) -> None:
     reason = backend.unavailable_reason(cell, **attention_options(cfg))
     if reason:
         raise Unavailable(reason)
-    if cfg.bench.name == "accuracy" and device not in backend.capabilities.backward_devices:
-        raise Unsupported(f"{backend.name} has no backward on {device}, and training needs one "
-                          f"(it trains on: {', '.join(backend.capabilities.backward_devices)})")

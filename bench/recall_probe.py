@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from bench.accuracy import Split, accuracy_of, recall_splits
+from bench.tasks.data import Split, accuracy_of
+from bench.tasks.recall import recall_splits
 from bench.stream_eval import load_job
 from efficient.tasks import recall
 

@@ -27,9 +27,9 @@ import torch
 from omegaconf import OmegaConf
 
 from bench import records
-from bench.accuracy import TASKS, charlm_data
-from efficient.attention import attention_factory
-from efficient.models import CausalLM, ModelSize
+from bench.cell import language_model
+from bench.tasks.charlm import charlm_data
+from efficient.models import CausalLM
 from efficient.recurrence import evaluate_stream
 
 
@@ -45,11 +45,7 @@ def load_job(job: Path, device: str = "cpu", task: str = "charlm") -> tuple[dict
     if config["bench"]["name"] != "accuracy" or config["task"]["name"] != task or record["status"] != "ok":
         raise ValueError(f"{job} is not a finished {task} accuracy job "
                          f"(bench={config['bench']['name']}, task={config['task']['name']}, status={record['status']})")
-    size = ModelSize(**config["model"])
-    options = {k: v for k, v in config["attention"].items() if k != "name"}
-    make = attention_factory(config["attention"]["name"], size.d_model, size.n_heads, size.dropout, **options)
-    vocab_size = TASKS[task][1](OmegaConf.create(config["task"]))
-    model = CausalLM(vocab_size, config["seq_len"], size, make).to(device)
+    model = language_model(OmegaConf.create(config)).to(device)
     model.load_state_dict(torch.load(weights, weights_only=True, map_location=device))
     return record, model.eval()
 

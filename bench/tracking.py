@@ -18,7 +18,6 @@ from typing import Any, Iterator
 from bench.records import cell_label
 
 SUMMARY_SKIP = {"config", "versions", "traceback", "attention_options"}
-# How W&B summarises each metric across a run's history (shown in the runs table and panels).
 # How W&B summarises the metrics that jobs log as history (accuracy jobs' learning curves).
 # A speed job logs no history: its record is written to the summary as it is.
 SUMMARIES = {"train_loss": "min", "val_accuracy": "max", "val_bpc": "min"}

@@ -5,7 +5,8 @@ import statistics
 import pytest
 import torch
 
-from bench.accuracy import encode, learning_rate, listops_splits, run_accuracy
+from bench.benches.accuracy import learning_rate, run_accuracy
+from bench.tasks.listops import encode, listops_splits
 from bench.records import validate
 from conftest import compose
 from efficient.tasks import listops
@@ -309,7 +310,7 @@ def test_a_backend_that_cannot_do_the_task_is_unsupported(tmp_path):
 
 
 # -- byte-level language modelling -----------------------------------------------------------
-from bench.accuracy import StreamData  # noqa: E402
+from bench.tasks.data import StreamData  # noqa: E402
 from efficient.tasks import charlm  # noqa: E402
 
 

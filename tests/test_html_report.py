@@ -7,7 +7,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from bench.html_report import dominates, pareto_points, write_html
+from bench.analysis.html_report import dominates, pareto_points, write_html
 from bench.records import load_records
 from conftest import ROOT
 

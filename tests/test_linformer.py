@@ -111,3 +111,18 @@ def test_approximation_error_shrinks_as_k_grows():
             errors.append((y - attn(x)[0]).abs().mean().item())
     assert errors[1] < errors[0], errors
     assert errors[2] < 1e-12, errors
+
+
+def test_built_for_the_cells_length_while_the_record_keeps_the_configs_options():
+    """max_len unset: the layer is built for seq_len (bench/cell.py), and the record's options stay
+    the config's, so that one Linformer setting is one label across every length of a sweep."""
+    from bench.cell import build_subject
+    from bench.harness import new_record
+    from bench.records import cell_label
+    from conftest import compose
+
+    for n in (32, 64):
+        cfg = compose("attention=linformer", "attention.k=8", f"seq_len={n}", "device=cpu")
+        assert build_subject(cfg, "cpu", torch.float32).module.E.shape[-1] == n
+        record = new_record(cfg)
+        assert record["attention_options"]["max_len"] is None and cell_label(record) == "linformer[k=8]"

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench.pick import main, pick
+from bench.analysis.pick import main, pick
 
 LENGTHS = (1024, 2048, 4096)
 

@@ -12,8 +12,9 @@ import stat
 import pytest
 import torch
 
-from bench import pick, records, resume, tracking
-from bench.accuracy import save_checkpoint
+from bench import records, resume, tracking
+from bench.analysis import pick
+from bench.benches.accuracy import save_checkpoint
 from bench.config import value_problems
 from bench.harness import run_job
 from conftest import compose, results_under, run_cli

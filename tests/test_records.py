@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import measure, records, report
+from bench import measure, records
+from bench.analysis import report
 from bench.harness import run_job
 from conftest import compose
 
@@ -81,7 +82,7 @@ def test_report_tables_and_csv(tmp_path):
     ok = speed_record()
     records.write_atomic(tmp_path / "a" / "result.json", ok)
     records.write_atomic(tmp_path / "b" / "result.json", speed_record("seq_len=4000000"))
-    rows = report.load(tmp_path)
+    rows = records.load_records(tmp_path)
     text = report.markdown(rows)
     assert "| full | " in text and "n=32" in text and "n=4000000" in text
     assert "oom: predicted peak memory" in text

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from bench import tracking
-from bench.dashboard import build_workspace, main
+from bench.analysis.dashboard import build_workspace, main
 from bench.harness import new_record, run_job
 from conftest import ROOT, compose
 
@@ -60,10 +60,9 @@ def test_the_run_gets_the_cells_name_group_tags_and_config(fake_wandb, tmp_path)
 
 
 def test_every_summary_is_of_a_metric_some_job_logs():
-    from bench import accuracy
+    from bench.tasks.data import ExampleData, StreamData
 
-    history = {"train_loss"} | {"val_" + data.metric.removeprefix("test_")
-                                 for data in (accuracy.ExampleData, accuracy.StreamData)}
+    history = {"train_loss"} | {"val_" + data.metric.removeprefix("test_") for data in (ExampleData, StreamData)}
     assert set(tracking.SUMMARIES) == history
 
 

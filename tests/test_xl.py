@@ -324,13 +324,13 @@ def test_pre_ln_memory_keeps_the_block_input_and_layernorm_gets_gradient_through
 # -- FLOPs ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("causal,n,m", [(False, 12, 0), (True, 12, 0), (True, 8, 5)])
 def test_flop_model_matches_a_flop_counter(causal, n, m):
-    """The speed bench's forward FLOPs of one xl layer (bench.speed.layer_flops, what its TFLOP/s
+    """The speed bench's forward FLOPs of one xl layer (bench.cell.layer_flops, what its TFLOP/s
     divide) against torch's FLOP counter over the layer's forward. Not causal: equal. Causal: the
     model counts the AC, BD and value products on their visible share only (FlashAttention's
     convention), the counter counts them whole: the gap is exactly the masked share."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from bench.speed import cell_shape, layer_flops
+    from bench.cell import cell_shape, layer_flops
     from conftest import compose
 
     b, klen = 2, n + m
@@ -355,7 +355,7 @@ def test_charlm_scores_use_eval_mem_len_and_training_keeps_its_memory():
     memory (mem_len, and the memory carried between training steps) is left as it was."""
     import math
 
-    from bench.accuracy import StreamData
+    from bench.tasks.data import StreamData
 
     stream = torch.randint(30, (4 * 40,))
     data = StreamData({"train": stream, "val": stream, "test": stream}, batch_size=4, seq_len=4, device="cpu",
@@ -418,7 +418,7 @@ def test_recall_probe_splits_every_queried_keys_attention_into_regions(tmp_path,
     from bench.harness import run_job
     from bench.recall_probe import attention_mass, probe
     from bench.stream_eval import load_job
-    from bench.accuracy import recall_splits
+    from bench.tasks.recall import recall_splits
     from conftest import compose
 
     record = run_job(compose("bench=accuracy", "experiment=recall_cpu_xl", "bench.steps=4", "bench.eval_every=2",

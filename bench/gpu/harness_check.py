@@ -25,7 +25,7 @@ def subject_forward(kernel: str, seq_len: int):
     from hydra import compose, initialize_config_dir
 
     import bench.config  # noqa: F401  (registers the structured configs)
-    from bench.speed import build_subject
+    from bench.cell import build_subject
 
     conf = Path(__file__).resolve().parents[2] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):

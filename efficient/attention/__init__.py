@@ -1,8 +1,5 @@
 """Attention backends. Importing this package registers every backend module in it."""
 
-import importlib
-import pkgutil
-
 from efficient.attention.base import (
     Attention,
     Bound,
@@ -23,10 +20,9 @@ from efficient.attention.base import (
     training_flops,
 )
 
-_SHARED = {"base", "functional"}
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name not in _SHARED:
-        importlib.import_module(f"{__name__}.{_module.name}")
+from efficient.registry import import_modules
+
+import_modules(__name__, __path__, skip=("base", "functional"))
 
 __all__ = [
     "Attention", "Bound", "Capabilities", "Cell", "ProjectedAttention", "Shape", "Unavailable", "Unsupported",

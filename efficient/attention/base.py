@@ -34,6 +34,7 @@ from einops import rearrange
 from torch import nn
 
 from efficient.attention.functional import exact_attention
+from efficient.registry import Registry
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 
@@ -266,28 +267,20 @@ class ProjectedAttention(Attention):
 
 
 # -- registry ----------------------------------------------------------------------------------
-_REGISTRY: dict[str, type[Attention]] = {}
+BACKENDS: Registry[type[Attention]] = Registry("attention backend", "backends")
 
 
 def register(cls: type[Attention]) -> type[Attention]:
     """Class decorator: make a backend available by its ``name`` to configs, sweeps and tests."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"two attention backends are named {cls.name!r}")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return BACKENDS.register(cls)
 
 
 def backend_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return BACKENDS.names()
 
 
 def get_backend(name: str) -> type[Attention]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown attention backend {name!r}; valid backends: {', '.join(backend_names())}"
-        ) from None
+    return BACKENDS.get(name)
 
 
 def build_attention(name: str, d_model: int, n_heads: int, dropout: float = 0.0, **options) -> Attention:

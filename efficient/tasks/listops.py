@@ -20,7 +20,7 @@ Two views of one expression, as in LRA:
 The generator keeps an expression when ``min_length < L < max_length`` (strict, as LRA's
 ``data/listops.py``; LRA: 500 and 2000, depth <= 10, <= 10 arguments), so generated data has the
 lengths of LRA's released files. LRA's input pipeline then cuts every input to its
-``max_length`` (2000) tokens; ``bench.accuracy`` cuts to ``seq_len`` the same way and counts the
+``max_length`` (2000) tokens; ``bench/tasks/listops.py`` cuts to ``seq_len`` the same way and counts the
 inputs it cut.
 """
 

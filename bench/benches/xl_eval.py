@@ -11,25 +11,36 @@ for one segment.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from bench import measure
-from bench.config import model_size
-from efficient.attention import attention_factory
-from efficient.models import CausalLM
+from bench.benches import Bench, register_bench
+from bench.cell import language_model, make_attention
+from efficient.attention import Bound, Unsupported, attention_factory
 
 PAPER_SPEEDUP = {800: 363, 3800: 1874}  # Dai et al. 2019 (as quoted in DESIGN.md section 6)
+
+
+@dataclass
+class XLEvalBenchConfig:
+    name: str = "xl_eval"
+    tgt_len: int = 128  # XL's evaluation segment; seq_len is the attention length
+    warmup: int = 1
+    repeats: int = 5
 
 
 def run_xl_eval(cfg, device: str, **context) -> dict:
     span, tgt_len = cfg.seq_len, cfg.bench.tgt_len
     if not 0 < tgt_len < span:
         raise ValueError(f"bench.tgt_len must be between 1 and seq_len - 1 (the attention length), got {tgt_len}")
+    if cfg.attention.name != "xl":
+        raise Unsupported(f"bench=xl_eval times Transformer-XL against a vanilla model of the same size: it "
+                          f"takes attention=xl, not {cfg.attention.name}")
     dtype = getattr(torch, cfg.dtype.value)
-    size, d, heads = model_size(cfg.model), cfg.model.d_model, cfg.model.n_heads
-    xl_options = {k: v for k, v in cfg.attention.items() if k not in ("name", "mem_len")}
-    xl = CausalLM(cfg.task.vocab_size, span, size, attention_factory("xl", d, heads, mem_len=span - tgt_len, **xl_options))
-    vanilla = CausalLM(cfg.task.vocab_size, span, size, attention_factory("full", d, heads))
+    xl = language_model(cfg, make_attention(cfg, mem_len=span - tgt_len))
+    vanilla = language_model(cfg, attention_factory("full", cfg.model.d_model, cfg.model.n_heads))
     xl, vanilla = (m.to(device=device, dtype=dtype).eval() for m in (xl, vanilla))
     b = cfg.batch_size
     window = torch.randint(cfg.task.vocab_size, (b, span), device=device)  # [b, A]
@@ -61,3 +72,7 @@ def run_xl_eval(cfg, device: str, **context) -> dict:
             "paper_speedup": paper, "ratio_to_paper": speedup / paper if paper else None,
         },
     }
+
+
+register_bench(Bench("xl_eval", XLEvalBenchConfig, run_xl_eval,
+                     bounds={"tgt_len": Bound(1), "warmup": Bound(0), "repeats": Bound(1)}))

@@ -21,11 +21,35 @@ from __future__ import annotations
 
 import gc
 
+from dataclasses import dataclass
+from enum import Enum
+from typing import Optional
+
 import torch
 
 from bench import measure
-from efficient.attention import Unsupported, get_backend
-from bench.speed import PredictedOOM, build_subject, cell_shape, predicted_bytes
+from bench.benches import Bench, register_bench
+from bench.cell import PredictedOOM, Scope, build_subject, cell_shape, predicted_bytes
+from efficient.attention import Bound, Unsupported, get_backend
+
+
+class SearchMethod(Enum):
+    auto = "auto"  # measure on GPU, predict on CPU
+    measure = "measure"  # run the step: real out-of-memory, measured peak
+    predict = "predict"  # the memory guard's model only
+
+
+@dataclass
+class MaxLenBenchConfig:
+    name: str = "maxlen"
+    scope: Scope = Scope.attention
+    backward: bool = True  # the step must fit forward+backward (else the forward)
+    method: SearchMethod = SearchMethod.auto
+    memory_budget_gib: Optional[float] = None  # None: half the free RAM (CPU), 90% of free GPU memory
+    resolution: int = 256  # bisect until the bracket is this narrow (tokens)
+    limit: int = 2**22  # never try beyond this length
+    pad_fraction: float = 0.0
+    threads: Optional[int] = None
 
 
 def at_length(cfg, seq_len: int):
@@ -104,3 +128,10 @@ def run_maxlen(cfg, device: str, **context) -> dict:
         "extra": {"method": method, "budget_gib": budget / measure.GIB, "first_failing": failing,
                   "resolution": resolution, "tried": tried},
     }
+
+
+register_bench(Bench(
+    "maxlen", MaxLenBenchConfig, run_maxlen,
+    bounds={"memory_budget_gib": Bound(0, open=True), "resolution": Bound(1), "limit": Bound(1),
+            "pad_fraction": Bound(0, high=1), "threads": Bound(1)},
+))

@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from bench.records import LOWER_IS_BETTER  # noqa: E402
-from bench.report import fit_power_law, label, varying_settings  # noqa: E402
+from bench.analysis.common import fit_power_law, label, varying_settings  # noqa: E402
 
 STATUS_COLOURS = {"ok": "#d9f2d9", "oom": "#f8d7a8", "unsupported": "#e0e0e0", "error": "#f4b6b6"}
 

@@ -1,0 +1,201 @@
+"""Comparison tables over a folder of result records.
+
+    python -m bench.report PATH [--markdown FILE] [--csv FILE] [--baseline LABEL]
+                                [--html FILE [--pareto-len N]]
+
+Reads every ``result.json`` under PATH and prints, per measured quantity, a table of
+backend x seq_len; a cell that did not run shows its status (oom, unsupported, error), and
+the reasons are listed below the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+from bench.analysis.common import SETTINGS, fit_power_law, label, varying_settings
+from bench.records import FIELDS, load_records
+
+# (record field, table title, format)
+QUANTITIES: list[tuple[str, str, Callable[[float], str]]] = [
+    ("fwd_ms", "Forward latency, ms (median)", lambda v: f"{v:.3g}"),
+    ("fwd_bwd_ms", "Forward+backward latency, ms (median)", lambda v: f"{v:.3g}"),
+    ("peak_mem_mib", "Peak memory above inputs, MiB (forward+backward)", lambda v: f"{v:.4g}"),
+    ("fwd_peak_mem_mib", "Peak memory above inputs, MiB (forward, no grad)", lambda v: f"{v:.4g}"),
+    ("tflops", "Achieved forward TFLOP/s", lambda v: f"{v:.3g}"),
+    ("max_abs_err", "Max abs error against the exact reference", lambda v: f"{v:.1e}"),
+    ("value", "Metric value (the record's `metric`)", lambda v: f"{v:.4g}"),
+]
+def pivot(rows, field, fmt, varying) -> tuple[list[int], dict[str, dict[int, str]]]:
+    """label -> seq_len -> cell text (the value, or the status when not ok)."""
+    lengths = sorted({r["seq_len"] for r in rows})
+    table: dict[str, dict[int, str]] = defaultdict(dict)
+    for r in sorted(rows, key=lambda r: (label(r, varying), r["seq_len"])):
+        value = r.get(field)
+        if r["status"] != "ok":
+            text = r["status"]
+        elif value is None:
+            text = "-"
+        else:
+            text = fmt(value)
+        table[label(r, varying)][r["seq_len"]] = text
+    return lengths, table
+
+
+def markdown(rows: list[dict[str, Any]], baseline: str | None = None) -> str:
+    varying = varying_settings(rows)
+    fixed = [f"{k}={rows[0].get(k)}" for k in SETTINGS if k not in varying]
+    devices = sorted({str(r.get("device_name")) for r in rows if r.get("device_name")})
+    out = [f"Settings: {', '.join(fixed)}" + (f"; measured on {'; '.join(devices)}" if devices else ""), ""]
+    searches = [r for r in rows if r.get("bench") == "maxlen"]
+    measured = [r for r in rows if r.get("bench") != "maxlen"]
+    for field, title, fmt in QUANTITIES:
+        if not any(r.get(field) is not None for r in measured):
+            continue
+        lengths, table = pivot(measured, field, fmt, varying)
+        out += [f"**{title}**", ""]
+        out.append("| backend | " + " | ".join(f"n={n}" for n in lengths) + " |")
+        out.append("|---|" + "---:|" * len(lengths))
+        for name, cells in table.items():
+            out.append(f"| {name} | " + " | ".join(cells.get(n, "") for n in lengths) + " |")
+        out.append("")
+    out += maxlen_table(searches, varying)
+    out += scaling_table(measured, varying)
+    if baseline:
+        out += baseline_tables(rows, baseline, varying)
+    notes = sorted({f"- {label(r, varying)}: {r['note']}" for r in rows if r.get("note")})
+    if notes:
+        out += ["**Notes**", "", *notes, ""]
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        out += ["**Cells that did not run**", ""]
+        seen = set()
+        for r in sorted(failed, key=lambda r: (label(r, varying), r["seq_len"])):
+            line = f"- {label(r, varying)}, n={r['seq_len']}: {r['status']}: {r.get('reason')}"
+            if line not in seen:
+                seen.add(line)
+                out.append(line)
+        out.append("")
+    return "\n".join(out)
+
+
+def maxlen_table(searches: list[dict[str, Any]], varying: tuple[str, ...]) -> list[str]:
+    """The longest length that fits, per backend (bench=maxlen records)."""
+    found = [r for r in searches if r["status"] == "ok"]
+    if not found:
+        return []
+    out = ["**Longest length that fits the memory budget (bench=maxlen)**", "",
+           "| backend | longest n | first n that does not fit | budget GiB | peak MiB at longest | how |",
+           "|---|---:|---:|---:|---:|---|"]
+    for r in sorted(found, key=lambda r: -r["value"]):
+        extra = r.get("extra") or {}
+        peak = max((t["peak_mib"] for t in extra.get("tried", []) if t["seq_len"] == r["value"] and t["peak_mib"]),
+                   default=None)
+        how = "measured (ran the step)" if extra.get("method") == "measure" else "predicted (memory guard)"
+        out.append(f"| {label(r, varying)} | {r['value']:,} | {extra.get('first_failing') or 'none tried':,} | "
+                   f"{extra.get('budget_gib', 0):.3g} | {'-' if peak is None else f'{peak:,.0f}'} | {how} |")
+    return out + [""]
+
+
+SCALING = [("fwd_ms", "forward time"), ("fwd_bwd_ms", "fwd+bwd time"),
+           ("fwd_peak_mem_mib", "forward memory"), ("peak_mem_mib", "fwd+bwd memory")]
+
+
+def scaling_table(rows: list[dict[str, Any]], varying: tuple[str, ...]) -> list[str]:
+    """Fitted exponents k of value ~ n^k per backend, over its ok cells (3 lengths or more)."""
+    by_label: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["status"] == "ok":
+            by_label[label(r, varying)].append(r)
+    out = []
+    for name, cells in sorted(by_label.items()):
+        fits = []
+        for field, _ in SCALING:
+            points = sorted((r["seq_len"], r[field]) for r in cells if r.get(field))
+            if len(points) < 3:
+                fits.append("-")
+                continue
+            k, _, spread = fit_power_law(*zip(*points))
+            fits.append(f"{k:.2f} (±{spread:.2f})")
+        lengths = sorted({r["seq_len"] for r in cells})
+        if any(f != "-" for f in fits):
+            out.append(f"| {name} | {lengths[0]}-{lengths[-1]} | " + " | ".join(fits) + " |")
+    if not out:
+        return []
+    header = "| backend | lengths | " + " | ".join(t for _, t in SCALING) + " |"
+    return ["**Fitted exponent k in value ~ n^k (log-log least squares; ± = residual spread)**", "",
+            header, "|---|---|" + "---:|" * len(SCALING), *out, ""]
+
+
+RATIOS = [("fwd_ms", "forward time"), ("fwd_peak_mem_mib", "forward memory"),
+          ("fwd_bwd_ms", "fwd+bwd time"), ("peak_mem_mib", "fwd+bwd memory")]
+
+
+def baseline_tables(rows: list[dict[str, Any]], baseline: str, varying: tuple[str, ...]) -> list[str]:
+    """'baseline value / backend value' per backend and length: how many times faster / smaller."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    base = {r["seq_len"]: r for r in ok if label(r, varying) == baseline}
+    if not base:
+        return [f"(no ok records of the baseline {baseline!r}: nothing to compare against)", ""]
+    out = []
+    for field, title in RATIOS:
+        lengths = sorted({n for n, r in base.items() if r.get(field)})
+        table = defaultdict(dict)
+        for r in ok:
+            name, n = label(r, varying), r["seq_len"]
+            if name != baseline and n in lengths and r.get(field):
+                table[name][n] = f"{base[n][field] / r[field]:.3g}x"
+        if table:
+            out += [f"**{title}: {baseline} / backend (above 1: the backend saves that factor)**", "",
+                    "| backend | " + " | ".join(f"n={n}" for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
+            out += [f"| {name} | " + " | ".join(cells.get(n, "") for n in lengths) + " |"
+                    for name, cells in sorted(table.items())]
+            out.append("")
+    return out
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path | str) -> None:
+    columns = [k for k in FIELDS if k not in ("config", "versions", "traceback")]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: r.get(k) for k in columns})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", type=Path, help="a folder of result.json files (searched recursively)")
+    parser.add_argument("--markdown", type=Path, help="also write the tables as Markdown here")
+    parser.add_argument("--csv", type=Path, help="also write one row per record as CSV here")
+    parser.add_argument("--html", type=Path, help="also write a self-contained HTML page with plots (PNGs beside it)")
+    parser.add_argument("--pareto-len", type=int, help="the length of the Pareto plot (default: the longest measured)")
+    parser.add_argument("--baseline", help="a backend label (e.g. full, sdpa[kernel=flash]): add tables of "
+                        "its time and memory divided by every other backend's")
+    args = parser.parse_args(argv)
+    if not args.path.exists():
+        parser.error(f"{args.path} does not exist")
+    rows = load_records(args.path)
+    if not rows:
+        print(f"no result.json under {args.path}", file=sys.stderr)
+        return 1
+    text = markdown(rows, args.baseline)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text)
+    if args.csv:
+        write_csv(rows, args.csv)
+    if args.html:
+        from bench.analysis.html_report import write_html  # matplotlib is needed only here
+
+        pngs = write_html(rows, args.html, args.pareto_len)
+        print(f"HTML report: {args.html} (plots: {', '.join(p.name for p in pngs)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

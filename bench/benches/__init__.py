@@ -1,0 +1,33 @@
+"""Benches: what a job measures (``bench=<name>``). Importing this package registers every bench module in it.
+
+A bench is one module here that calls ``register_bench`` plus one ``conf/bench/<name>.yaml``.
+Its ``run(cfg, device, tracker=None, output_dir=None)`` returns the record's measured fields
+and raises ``Unsupported``, ``PredictedOOM`` or an out-of-memory error for the harness to
+record (``bench/harness.py``); its ``schema`` (a dataclass) holds its settings and their
+defaults, which the yaml repeats and a test compares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from efficient.attention import Bound
+from efficient.registry import Registry, import_modules
+
+
+@dataclass(frozen=True)
+class Bench:
+    name: str
+    schema: type  # a dataclass: the bench's settings and their defaults
+    run: Callable[..., dict]  # (cfg, device, tracker=None, output_dir=None) -> the record's measured fields
+    exclusive: bool = True  # a timing bench: it holds its device alone while it runs (bench/device_lock.py)
+    bounds: dict[str, Bound] = field(default_factory=dict)  # valid ranges of its numeric settings
+
+
+BENCHES: Registry[Bench] = Registry("bench", "benches")
+register_bench = BENCHES.register
+bench_names = BENCHES.names
+get_bench = BENCHES.get
+
+import_modules(__name__, __path__)

@@ -1,0 +1,171 @@
+"""``bench=accuracy``: train a model with any backend on a task, then evaluate it.
+
+The loop users expect: AdamW, linear warm-up then cosine decay, gradient clipping, bf16
+autocast on GPU, validation every ``eval_every`` steps, the best weights on validation kept
+(``best.pt``, weights only, loaded with ``weights_only=True``), a progress bar, seeded data
+order and initialisation, and a clean resume from ``last.pt`` (``bench.resume=true``: model,
+optimiser, schedule, step, the data order or stream position, and the memory). The learning
+curve goes to the W&B run's history; the record gets the test metric, throughput, peak memory,
+wall time and steps. What is read and how it is scored comes from the task (``bench/tasks``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from bench import measure, records
+from bench.benches import Bench, register_bench
+from bench.cell import build_model
+from bench.tasks import get_task, task_names
+from efficient.attention import Bound, Unsupported, get_backend
+
+
+@dataclass
+class AccuracyBenchConfig:
+    name: str = "accuracy"
+    steps: int = 2000
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.01
+    warmup_steps: int = 100  # linear warm-up, then cosine decay to zero
+    clip: float = 1.0  # gradient norm clipping
+    eval_every: int = 200  # validation accuracy (and checkpoints) every this many steps
+    amp: bool = True  # bf16 autocast on GPU
+    resume: bool = False  # continue from last.pt in the output folder
+    progress: bool = True  # the progress bar
+    threads: Optional[int] = None  # CPU threads; None: every core (set 1 when jobs run side by side)
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """torch.save, atomically: a kill during the save leaves the previous checkpoint whole."""
+    with records.atomic_file(path, "wb") as f:
+        torch.save(state, f)
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint that cannot be loaded; the message names the file and what to do."""
+
+
+@contextlib.contextmanager
+def readable_checkpoint(path: Path):
+    """Turn a failure to load ``path`` into one sentence that names the file and the fix."""
+    try:
+        yield
+    except Exception as e:
+        first_line = (str(e).splitlines() or [""])[0]
+        raise DamagedCheckpoint(
+            f"checkpoint {path} cannot be loaded ({type(e).__name__}: {first_line}); it is damaged or from "
+            f"another model or suite version. Delete it (training then starts from step 0) or point the "
+            f"run at another output folder") from e
+
+
+def learning_rate(step: int, warmup: int, total: int) -> float:
+    """Multiplier of the peak rate: linear warm-up, then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def run_accuracy(cfg, device: str, tracker=None, output_dir: Path | None = None) -> dict:
+    bench, task = cfg.bench, get_task(cfg.task.name)
+    backend = get_backend(cfg.attention.name)
+    if device not in backend.capabilities.backward_devices:
+        raise Unsupported(f"{backend.name} has no backward on {device}, and training needs one "
+                          f"(it trains on: {', '.join(backend.capabilities.backward_devices)})")
+    if task.data is None:
+        trainable = [name for name in task_names() if get_task(name).data is not None]
+        raise ValueError(f"task {task.name} has no data to train on; bench=accuracy takes: {', '.join(trainable)}")
+    if (task.n_classes(cfg.task) is None) != bool(cfg.causal):
+        kind = "a causal language-modelling task: set causal=true" if not cfg.causal else \
+            "a classification task for an encoder: set causal=false"
+        raise ValueError(f"task {task.name} is {kind}")
+    output_dir = Path(output_dir or ".")
+    torch.manual_seed(cfg.seed)
+    data = task.data(cfg, device)
+    model = build_model(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=bench.lr, weight_decay=bench.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate(step, bench.warmup_steps, bench.steps))
+    step, best_val, best_step = 0, None, 0
+    last, best = output_dir / "last.pt", output_dir / "best.pt"
+    if bench.resume and last.exists():
+        with readable_checkpoint(last):
+            state = torch.load(last, weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            data.load_state_dict(state["data"])
+            step, best_val, best_step = state["step"], state["best_val"], state["best_step"]
+            torch.set_rng_state(state["rng"])  # dropout masks continue as if never stopped
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and bench.amp)
+
+    def improves(value: float) -> bool:
+        return best_val is None or (value > best_val if data.higher_is_better else value < best_val)
+
+    validation = "val_" + data.metric.removeprefix("test_")
+    started, tokens_seen = time.perf_counter(), 0
+    model.train()
+    progress = tqdm(total=bench.steps, initial=step, desc=f"{cfg.attention.name} {task.name}", mininterval=5,
+                    disable=not bench.progress)
+    while step < bench.steps:
+        with autocast():
+            loss, n_tokens = data.train_loss(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), bench.clip)
+        optimizer.step()
+        schedule.step()
+        step += 1
+        tokens_seen += n_tokens
+        progress.update(1)
+        metrics = {"train_loss": loss.item(), "lr": schedule.get_last_lr()[0]}
+        if step % bench.eval_every == 0 or step == bench.steps:
+            with autocast():
+                metrics[validation] = data.score(model, "val")
+            progress.set_postfix(loss=f"{loss.item():.3f}", val=f"{metrics[validation]:.3f}")
+            if improves(metrics[validation]):
+                best_val, best_step = metrics[validation], step
+                save_checkpoint(model.state_dict(), best)
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "schedule": schedule.state_dict(), "data": data.state_dict(), "step": step,
+                             "rng": torch.get_rng_state(), "best_val": best_val, "best_step": best_step}, last)
+        if tracker is not None:
+            tracker.log(metrics, step=step)
+    progress.close()
+    train_s = time.perf_counter() - started
+
+    with readable_checkpoint(best):
+        model.load_state_dict(torch.load(best, weights_only=True))
+    with autocast():
+        test_value = data.score(model, "test")
+
+    def one_step():
+        data.probe_loss(model).backward()
+        model.zero_grad(set_to_none=True)
+
+    peak = measure.peak_memory_bytes(one_step, device)
+    return {
+        "metric": data.metric, "value": test_value,
+        "fwd_bwd_tokens_per_s": tokens_seen / train_s if tokens_seen else None,  # real (unpadded) tokens
+        "peak_mem_mib": peak / measure.MIB, "fwd_bwd_peak_mem_mib": peak / measure.MIB,
+        "extra": {"best_" + validation: best_val, "best_step": best_step, "steps": step,
+                  "train_seconds": train_s, **data.describe()},
+    }
+
+
+register_bench(Bench(
+    "accuracy", AccuracyBenchConfig, run_accuracy, exclusive=False,
+    bounds={"steps": Bound(1), "lr": Bound(0, open=True), "weight_decay": Bound(0), "warmup_steps": Bound(0),
+            "clip": Bound(0, open=True), "eval_every": Bound(1), "threads": Bound(1)},
+))

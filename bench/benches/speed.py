@@ -1,0 +1,122 @@
+"""``bench=speed``: latency, peak memory, achieved FLOP/s and error of one cell.
+
+The subject is one attention layer (``bench.scope=attention``: projections + attention core)
+or the whole model (``bench.scope=model``). Measurements run in eval mode (dropout off) so
+that every backend computes the same function; gradients still flow for forward+backward.
+Before anything is allocated, the backend's memory model predicts the step's peak: a cell
+predicted over the budget is recorded as ``oom`` without running.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from bench import measure
+from bench.benches import Bench, register_bench
+from bench.cell import PredictedOOM, Scope, Subject, build_subject, cell_shape, layer_flops, predicted_bytes
+from bench.measure import MIB
+from efficient.attention import Attention, Bound, get_backend
+
+
+@dataclass
+class SpeedBenchConfig:
+    name: str = "speed"
+    scope: Scope = Scope.attention
+    warmup: int = 2  # untimed runs before timing (also compiles / autotunes)
+    repeats: int = 10  # timed runs; the record keeps the median and the 20th/80th percentiles
+    backward: bool = True  # also time and measure forward+backward
+    check_error: bool = True  # max_abs_err against the exact reference (fp64 CPU / fp32 GPU)
+    memory_budget_gib: Optional[float] = None  # None: half the free RAM (CPU), 90% of free GPU memory
+    threads: Optional[int] = None  # CPU threads (torch.set_num_threads); None: every core
+    pad_fraction: float = 0.0  # fraction of each sequence that is padding (key_padding_mask)
+
+
+def max_abs_error(subject: Subject, device: str) -> tuple[float, str]:
+    """Compare the subject's output with the exact reference math on the same parameters.
+
+    The reference is a copy of the module in float64 on CPU (float32 on GPU) with every
+    attention layer in ``reference_mode``: the exact softmax attention its backend stands for.
+    """
+    ref_dtype = torch.float32 if device == "cuda" else torch.float64
+    with torch.no_grad():
+        output = subject.forward(subject.module)
+        reference = copy.deepcopy(subject.module).to(ref_dtype)
+        for layer in reference.modules():
+            if isinstance(layer, Attention):
+                layer.reference_mode = True
+        expected = subject.forward(reference)
+        error = (output.to(ref_dtype) - expected).abs().max().item()
+    return error, f"exact attention, same parameters, {str(ref_dtype).removeprefix('torch.')} on {device}"
+
+
+def run_speed(cfg, device: str, **context) -> dict:
+    """Measure one cell; raises Unsupported / PredictedOOM / torch.OutOfMemoryError."""
+    dtype = getattr(torch, cfg.dtype.value)
+    shape = cell_shape(cfg, device)
+    training = cfg.bench.backward
+    predicted = predicted_bytes(cfg, shape, training)
+    budget = measure.memory_budget_bytes(device, cfg.bench.memory_budget_gib)
+    result: dict = {"predicted_mem_mib": predicted / MIB}
+    if predicted > budget:
+        raise PredictedOOM(
+            f"predicted peak memory {predicted / measure.GIB:,.1f} GiB exceeds the budget of "
+            f"{budget / measure.GIB:,.1f} GiB (bench.memory_budget_gib); not run"
+        )
+
+    subject = build_subject(cfg, device, dtype)
+    module, warmup, repeats = subject.module, cfg.bench.warmup, cfg.bench.repeats
+
+    def fwd():
+        with torch.no_grad():
+            return subject.forward(module)
+
+    def fwd_bwd():
+        module.zero_grad(set_to_none=True)
+        subject.loss(subject.forward(module)).backward()
+
+    tokens = cfg.batch_size * cfg.seq_len
+    flops_fwd, flops_fwd_bwd = layer_flops(cfg, shape)
+    started = time.perf_counter()
+    fwd()  # the first call compiles (flex), autotunes or initialises: timed apart
+    measure.synchronize(device)
+    result["first_call_s"] = time.perf_counter() - started
+    t = measure.time_ms(fwd, device, warmup, repeats)
+    peak, ops = measure.profile_step(fwd, device)
+    result.update(
+        fwd_ms=t["median"], fwd_ms_p20=t["p20"], fwd_ms_p80=t["p80"],
+        fwd_tokens_per_s=tokens / (t["median"] / 1e3), flops_fwd=flops_fwd,
+        tflops=flops_fwd / (t["median"] / 1e3) / 1e12,
+        fwd_peak_mem_mib=peak / MIB, peak_mem_mib=peak / MIB, attention_ops=ops,
+    )
+    backend = get_backend(cfg.attention.name)
+    if training and device not in backend.capabilities.backward_devices:
+        result["note"] = f"forward only: {backend.name} has no backward on {device}"
+        training = False
+    if training:
+        t = measure.time_ms(fwd_bwd, device, warmup, repeats)
+        module.zero_grad(set_to_none=True)
+        result.update(
+            fwd_bwd_ms=t["median"], fwd_bwd_ms_p20=t["p20"], fwd_bwd_ms_p80=t["p80"],
+            fwd_bwd_tokens_per_s=tokens / (t["median"] / 1e3),
+            fwd_bwd_tflops=flops_fwd_bwd / (t["median"] / 1e3) / 1e12,
+            fwd_bwd_peak_mem_mib=measure.peak_memory_bytes(fwd_bwd, device) / MIB,
+        )
+        module.zero_grad(set_to_none=True)
+        result["peak_mem_mib"] = result["fwd_bwd_peak_mem_mib"]
+    peak = measure.peak_tflops(measure.device_name(device), dtype)
+    result["mfu"] = result["tflops"] / peak if peak else None
+    if cfg.bench.check_error:
+        result["max_abs_err"], result["reference"] = max_abs_error(subject, device)
+    return result
+
+
+register_bench(Bench(
+    "speed", SpeedBenchConfig, run_speed,
+    bounds={"warmup": Bound(0), "repeats": Bound(1), "memory_budget_gib": Bound(0, open=True),
+            "threads": Bound(1), "pad_fraction": Bound(0, high=1)},
+))
