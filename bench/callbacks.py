@@ -1,4 +1,5 @@
-"""Hydra callbacks: at the end of a sweep, say what resume skipped, print the table, write the report."""
+"""Hydra callbacks: at the end of a sweep, print the table and write the report (and say if launched
+jobs found their cell recorded meanwhile)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ class SweepReport(Callback):
             return
         if config.get("resume"):
             skipped = resume.count_skipped(sweep_dir, getattr(self, "started", 0.0))
-            print(f"resume: skipped {skipped} cell(s) already recorded in {sweep_dir}")
+            if skipped:  # cells recorded after launch (by another sweep into the same folder)
+                print(f"resume: {skipped} launched job(s) found their cell already recorded in {sweep_dir}")
         rows = load_records(sweep_dir)
         if not rows:
             return

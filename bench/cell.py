@@ -181,3 +181,17 @@ def build_subject(cfg, device: str, dtype: torch.dtype) -> Subject:
             return nn.functional.cross_entropy(y.flatten(0, -2).float(), targets.flatten())
 
     return Subject(module.to(device=device, dtype=dtype).eval(), forward, loss)
+
+
+PROCESS_BYTES = 2**30  # Python, torch and the suite loaded, before the step (about 0.3-0.7 GiB measured)
+UNPREDICTED_BYTES = 4 * 2**30  # a bench without a memory model (accuracy, xl_eval)
+
+
+def job_memory_gb(cfg) -> int:
+    """The memory a cluster job for this cell asks for, in whole GB: the process plus the step's
+    predicted peak (benches with a ``scope``: the memory model the guard uses) with a 50% margin."""
+    if cfg.bench.get("scope") is None:
+        step = UNPREDICTED_BYTES
+    else:
+        step = predicted_bytes(cfg, cell_shape(cfg, "cpu"), cfg.bench.get("backward", True))
+    return max(1, -(-int(PROCESS_BYTES + 1.5 * step) // 10**9))

@@ -105,8 +105,12 @@ def check_values(cfg) -> None:
 def job_cell_hash(*, _root_: DictConfig) -> str:
     """``${cell_hash:}`` in a job's output folder name: the short ``config_hash`` of its cell, so
     that two different cells never share a folder (and a resumed cell finds its own)."""
-    job = OmegaConf.masked_copy(_root_, [key for key in _root_ if key != "hydra"])
-    return cell_hash(job)[:8]
+    return sweep_job_hash(_root_)[:8]
+
+
+def sweep_job_hash(config: DictConfig) -> str:
+    """The ``config_hash`` of a job's cell from its config as Hydra composes it (``hydra`` node included)."""
+    return cell_hash(OmegaConf.masked_copy(config, [key for key in config if key != "hydra"]))
 
 
 @dataclass

@@ -80,7 +80,7 @@ def run_job(cfg, record: dict | None = None, tracker=None, output_dir=None) -> d
         device = measure.resolve_device(cfg.device.value)
         record.update(device=device, device_name=measure.device_name(device))
         if device == "cpu":
-            torch.set_num_threads(cfg.bench.get("threads") or os.cpu_count() or 1)
+            torch.set_num_threads(cfg.bench.get("threads") or allotted_cores())
         record["threads"] = torch.get_num_threads()
         check_supported(cfg, device)
         bench = get_bench(cfg.bench.name)
@@ -98,12 +98,22 @@ def run_job(cfg, record: dict | None = None, tracker=None, output_dir=None) -> d
     except (torch.OutOfMemoryError, MemoryError) as e:
         record.update(status="oom", reason=f"out of memory while running: {str(e).splitlines()[0]}", final=True)
     except Exception as e:  # recorded, so that a sweep goes on past a failing cell
-        record.update(status="error", reason=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(), final=False)
+        reason = f"{type(e).__name__}: {e}"
+        if type(e).__name__ == "UncompletedJobError":  # submitit, on SLURM's signal at the time limit
+            reason = f"the scheduler stopped the job before it finished ({e}); resume=true runs it again"
+        record.update(status="error", reason=reason, traceback=traceback.format_exc(), final=False)
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     record["wall_s"] = time.perf_counter() - started
     return record
+
+
+def allotted_cores() -> int:
+    """The cores this job may use: SLURM's allocation where it runs as a SLURM task, else its CPU
+    affinity (a cgroup or taskset), not every core of the machine."""
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK")
+    return int(slurm) if slurm else len(os.sched_getaffinity(0))
 
 
 def check_supported(cfg, device: str) -> None:

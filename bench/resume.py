@@ -34,6 +34,13 @@ def previous(root: Path, config_hash: str) -> list[dict]:
     return [r for r in records.load_records(root) if r.get("config_hash") == config_hash]
 
 
+def recorded_cells(root: Path) -> set[str]:
+    """The config hashes of the cells with a final record under ``root`` (a sweep folder)."""
+    if not root.exists():
+        return set()
+    return {r["config_hash"] for r in records.load_records(root) if is_final(r) and r.get("config_hash")}
+
+
 def skip_if_recorded(root: Path, record: dict, output_dir: Path) -> dict | None:
     """The final record of this cell if there is one (and mark this job skipped), else None."""
     earlier = previous(root, record["config_hash"])

@@ -49,3 +49,16 @@ def results_under(path: Path) -> list[dict]:
 def pytest_generate_tests(metafunc):
     if "backend_name" in metafunc.fixturenames:
         metafunc.parametrize("backend_name", backend_names())
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A one-node SLURM cluster for the session (tests/slurm_cluster.py); skipped where it cannot run."""
+    import slurm_cluster
+
+    reason = slurm_cluster.missing()
+    if reason:
+        pytest.skip(reason)
+    cluster, pids = slurm_cluster.start(tmp_path_factory.mktemp("slurm"))
+    yield cluster
+    slurm_cluster.stop(pids)

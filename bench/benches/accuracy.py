@@ -3,16 +3,17 @@
 The loop users expect: AdamW, linear warm-up then cosine decay, gradient clipping, bf16
 autocast on GPU, validation every ``eval_every`` steps, the best weights on validation kept
 (``best.pt``, weights only, loaded with ``weights_only=True``), a progress bar, seeded data
-order and initialisation, and a clean resume from ``last.pt`` (``bench.resume=true``: model,
-optimiser, schedule, step, the data order or stream position, and the memory). The learning
-curve goes to the W&B run's history; the record gets the test metric, throughput, peak memory,
-wall time and steps. What is read and how it is scored comes from the task (``bench/tasks``).
+order and initialisation, and a clean resume from ``last.pt`` (``bench.resume=true``, or a SLURM
+job requeued after preemption: model, optimiser, schedule, step, the data order or stream
+position, and the memory). The learning curve goes to the W&B run's history; the record gets
+the test metric, throughput, peak memory, wall time and steps. What is read and how it is scored comes from the task (``bench/tasks``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ class AccuracyBenchConfig:
     amp: bool = True  # bf16 autocast on GPU
     resume: bool = False  # continue from last.pt in the output folder
     progress: bool = True  # the progress bar
-    threads: Optional[int] = None  # CPU threads; None: every core (set 1 when jobs run side by side)
+    threads: Optional[int] = None  # CPU threads; None: the cores allotted (SLURM, affinity); 1 side by side
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -97,7 +98,8 @@ def run_accuracy(cfg, device: str, tracker=None, output_dir: Path | None = None)
         optimizer, lambda step: learning_rate(step, bench.warmup_steps, bench.steps))
     step, best_val, best_step = 0, None, 0
     last, best = output_dir / "last.pt", output_dir / "best.pt"
-    if bench.resume and last.exists():
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0  # preempted and requeued by SLURM
+    if (bench.resume or requeued) and last.exists():
         with readable_checkpoint(last):
             state = torch.load(last, weights_only=True)
             model.load_state_dict(state["model"])
@@ -106,6 +108,7 @@ def run_accuracy(cfg, device: str, tracker=None, output_dir: Path | None = None)
             data.load_state_dict(state["data"])
             step, best_val, best_step = state["step"], state["best_val"], state["best_step"]
             torch.set_rng_state(state["rng"])  # dropout masks continue as if never stopped
+    resumed_from = step
 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and bench.amp)
@@ -160,7 +163,7 @@ def run_accuracy(cfg, device: str, tracker=None, output_dir: Path | None = None)
         "fwd_bwd_tokens_per_s": tokens_seen / train_s if tokens_seen else None,  # real (unpadded) tokens
         "peak_mem_mib": peak / measure.MIB, "fwd_bwd_peak_mem_mib": peak / measure.MIB,
         "extra": {"best_" + validation: best_val, "best_step": best_step, "steps": step,
-                  "train_seconds": train_s, **data.describe()},
+                  "resumed_from_step": resumed_from, "train_seconds": train_s, **data.describe()},
     }
 
 

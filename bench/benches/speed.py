@@ -32,7 +32,7 @@ class SpeedBenchConfig:
     backward: bool = True  # also time and measure forward+backward
     check_error: bool = True  # max_abs_err against the exact reference (fp64 CPU / fp32 GPU)
     memory_budget_gib: Optional[float] = None  # None: half the free RAM (CPU), 90% of free GPU memory
-    threads: Optional[int] = None  # CPU threads (torch.set_num_threads); None: every core
+    threads: Optional[int] = None  # CPU threads (torch.set_num_threads); None: the cores allotted
     pad_fraction: float = 0.0  # fraction of each sequence that is padding (key_padding_mask)
 
 
