@@ -13,6 +13,7 @@ ladder of lengths (CPU: a small layer up to 4K tokens, about two minutes on 2 co
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,13 @@ from bench.harness import new_record, run_job
 def main_job() -> list[str]:
     """The arguments of the main job: the study conf/experiment/main_{gpu,cpu}.yaml for this machine."""
     return ["--multirun", f"experiment=main_{'gpu' if torch.cuda.is_available() else 'cpu'}"]
+
+
+def importable_in_jobs() -> None:
+    """Jobs launched elsewhere (SLURM, submitit_local) unpickle this suite's functions in a new
+    Python: give them this checkout on their path, whether or not the suite is pip-installed."""
+    root = str(Path(__file__).resolve().parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
 
 
 def plus_experiment_as_override(argv: list[str]) -> list[str]:
@@ -73,5 +81,6 @@ def summary_line(r: dict) -> str:
 
 
 if __name__ == "__main__":
+    importable_in_jobs()
     sys.argv = [sys.argv[0], *(plus_experiment_as_override(sys.argv[1:]) or main_job())]
     main()

@@ -55,10 +55,16 @@ class Cluster:
     def env(self) -> dict[str, str]:
         return {"SLURM_CONF": str(self.conf)}
 
-    def finished_jobs(self) -> list[str]:
-        """One line per job that ended (jobcomp/filetxt), in order."""
+    def finished_jobs(self, at_least: int = 0, timeout: float = 30) -> list[str]:
+        """One line per job that ended (jobcomp/filetxt), in order. slurmctld writes a job's line a
+        moment after the job's result has reached the sweep: wait for `at_least` lines to appear."""
         path = self.folder / "jobcomp.txt"
-        return path.read_text().splitlines() if path.exists() else []
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = path.read_text().splitlines() if path.exists() else []
+            if len(lines) >= at_least or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.2)
 
     def run(self, *command: str) -> str:
         return subprocess.run(command, env={**os.environ, **self.env}, capture_output=True, text=True,

@@ -29,15 +29,16 @@ def test_a_sweep_runs_as_slurm_jobs_and_every_cell_is_recorded(slurm, tmp_path):
     assert sorted((r["attention"], r["seq_len"], r["status"]) for r in records) == [
         ("chunked", 64, "ok"), ("chunked", 128, "ok"), ("full", 64, "ok"), ("full", 128, "ok")]
     assert all(r["threads"] == 1 for r in records)  # the one core each job was given (cpus_per_task=1)
-    jobs = slurm.finished_jobs()[before:]
+    jobs = slurm.finished_jobs(at_least=before + 4)[before:]
     assert len(jobs) == 4 and all("JobState=COMPLETED" in j for j in jobs)
     assert len({r["pid"] for r in records}) == 4  # each cell in a process of its own
 
 
 def test_a_fully_recorded_sweep_resumed_submits_no_job(slurm, tmp_path):
+    start = len(slurm.finished_jobs())
     first = sweep(slurm, tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    before = len(slurm.finished_jobs())
+    before = len(slurm.finished_jobs(at_least=start + 4))
     again = sweep(slurm, tmp_path, "resume=true")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resume: skipped 4 cell(s) already recorded" in again.stdout and "launching 0 of 4" in again.stdout
@@ -45,7 +46,7 @@ def test_a_fully_recorded_sweep_resumed_submits_no_job(slurm, tmp_path):
     assert len(slurm.finished_jobs()) == before  # nothing was submitted
     partly = sweep(slurm, tmp_path, "resume=true", "seq_len=64,128,256")  # two new cells
     assert partly.returncode == 0, partly.stderr[-3000:]
-    assert "launching 2 of 6" in partly.stdout and len(slurm.finished_jobs()) == before + 2
+    assert "launching 2 of 6" in partly.stdout and len(slurm.finished_jobs(at_least=before + 2)) == before + 2
 
 
 def test_an_impossible_request_stops_the_sweep_at_once_with_slurms_reason(slurm, tmp_path):
@@ -60,18 +61,18 @@ def test_an_impossible_request_stops_the_sweep_at_once_with_slurms_reason(slurm,
 def test_memory_is_asked_from_the_memory_model(slurm, tmp_path):
     """slurm_cpu asks for the largest cell's predicted memory (plus the process and a margin): a
     cell that cannot fit the node is refused at submission; a small one asks for little."""
+    before = len(slurm.finished_jobs())
     huge = sweep(slurm, tmp_path, "attention=full", "seq_len=131072", "bench.memory_budget_gib=4000")
     assert huge.returncode != 0 and "the cluster refused the jobs" in huge.stderr
     small = sweep(slurm, tmp_path, "attention=full", "seq_len=64")
     assert small.returncode == 0, small.stderr[-3000:]
     expected = job_memory_gb(compose("attention=full", "seq_len=64", "device=cpu", "model.d_model=64",
                                      "model.n_heads=4"))
-    assert f"Tres=cpu=1,mem={expected}G," in slurm.finished_jobs()[-1]  # what the job was given
+    assert f"Tres=cpu=1,mem={expected}G," in slurm.finished_jobs(at_least=before + 1)[-1]  # what the job was given
 
 
-def train_and_signal(slurm, tmp_path, timeout_min: int) -> dict:
-    """An accuracy job through SLURM, sent USR2 once it has a checkpoint (how SLURM warns a job
-    of preemption, or of its time limit, for submitit); returns its record."""
+def start_training(slurm, tmp_path, timeout_min: int) -> tuple[subprocess.Popen, str]:
+    """An accuracy job through SLURM, returned once it has written a checkpoint: (sweep, job id)."""
     import os
     import sys
 
@@ -91,6 +92,13 @@ def train_and_signal(slurm, tmp_path, timeout_min: int) -> dict:
         assert time.monotonic() < deadline and sweep.poll() is None, "no checkpoint was written"
         time.sleep(0.2)
     (job,) = slurm.run("squeue", "-h", "-o", "%i").split()
+    return sweep, job
+
+
+def train_and_signal(slurm, tmp_path, timeout_min: int) -> dict:
+    """An accuracy job sent USR2 once it has a checkpoint (how SLURM warns a job of preemption, or
+    of its time limit, for submitit); returns its record."""
+    sweep, job = start_training(slurm, tmp_path, timeout_min)
     slurm.run("scancel", "--signal=USR2", job)
     while sweep.poll() is None:  # a requeued job waits ~2 min to start again: start it now, as an admin may
         if slurm.run("squeue", "-h", "-j", job, "-o", "%T").strip() == "PENDING":
@@ -118,3 +126,20 @@ def test_a_job_at_its_time_limit_leaves_a_clear_record_that_resume_runs_again(sl
     record = train_and_signal(slurm, tmp_path, timeout_min=10)
     assert record["status"] == "error" and record["final"] is False
     assert record["reason"].startswith("the scheduler stopped the job") and "timed-out" in record["reason"]
+
+
+def test_a_job_cancelled_mid_run_ends_the_sweep_clearly_and_resume_runs_it_again(slurm, tmp_path):
+    """`scancel` sends SIGTERM, which submitit lets pass, then SIGKILL after KillWait (a job that
+    ends within it writes its record). Killed mid-run, it leaves no record rather than half of one,
+    the sweep says how to finish, and resume=true runs the cell to a full record."""
+    sweep, job = start_training(slurm, tmp_path, 30)
+    slurm.run("scancel", job)
+    out, err = sweep.communicate(timeout=120)
+    assert sweep.returncode != 0 and "Traceback" not in err
+    assert "a job ended without a result" in err and "resume=true" in err
+    assert not list((tmp_path / "sweep").rglob("result*.json"))
+    slurm.wait_idle()
+    again = run_cli("-m", "resume=true", *sweep.args[3:], cwd=tmp_path, env=slurm.env, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (record,) = results_under(tmp_path / "sweep")
+    assert record["status"] == "ok" and record["extra"]["steps"] == 3000

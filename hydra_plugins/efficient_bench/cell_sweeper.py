@@ -9,7 +9,8 @@ is launched (``hydra/sweeper=cells``, the default).
 - A SLURM launcher whose ``mem_gb`` is null (``hydra/launcher=slurm_cpu``) asks, for each batch,
   for the memory its largest cell needs (``bench.cell.job_memory_gb``).
 - A cluster's refusal (``sbatch: error: ...``), or a job that ended without returning (cancelled,
-  killed), stops the sweep with one line that says so and what to do, not a traceback.
+  killed), stops the sweep with one line that says so and what to do, not a traceback; on a
+  cluster without accounting, job states come from squeue (``bench.slurm_states``).
 
 Hydra only loads sweepers from the ``hydra_plugins`` package; the logic itself lives in ``bench``.
 """
@@ -56,6 +57,10 @@ class ClearFailures:
 class CellSweeper(BasicSweeper):
     def setup(self, *, hydra_context, task_function, config) -> None:
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        if type(self.launcher).__name__ == "SlurmLauncher":
+            from bench.slurm_states import watch_without_accounting
+
+            watch_without_accounting()
         self.launcher = ClearFailures(self.launcher)
 
     def job_config(self, overrides: Sequence[str]):
