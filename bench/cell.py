@@ -52,7 +52,7 @@ def model_size(model) -> ModelSize:
     """The library's ModelSize from a ``model`` config node (enums or their plain values)."""
     return ModelSize(
         model.d_model, model.n_heads, model.n_layers, model.d_ff, model.dropout,
-        as_value(model.norm), as_value(model.positional),
+        as_value(model.norm), as_value(model.positional), model.get("n_kv_heads"),
     )
 
 
@@ -71,14 +71,14 @@ def make_attention(cfg, **overrides) -> Callable[[int], Attention]:
     options = {**attention_options(cfg), **overrides}
     if get_backend(cfg.attention.name).capabilities.needs_max_len and options.get("max_len") is None:
         options["max_len"] = cfg.seq_len
-    return attention_factory(cfg.attention.name, size.d_model, size.n_heads, size.dropout, **options)
+    return attention_factory(cfg.attention.name, size.d_model, size.n_heads, size.dropout, size.n_kv_heads, **options)
 
 
-def language_model(cfg, make: Callable[[int], Attention] | None = None) -> CausalLM:
-    """A causal LM over the task's vocabulary, ``seq_len`` positions, with the config's attention
-    (or ``make``'s)."""
+def language_model(cfg, make: Callable[[int], Attention] | None = None, max_len: int | None = None) -> CausalLM:
+    """A causal LM over the task's vocabulary, ``max_len`` positions (default ``seq_len``), with the
+    config's attention (or ``make``'s)."""
     vocab_size = get_task(cfg.task.name).vocab_size(cfg.task)
-    return CausalLM(vocab_size, cfg.seq_len, model_size(cfg.model), make or make_attention(cfg))
+    return CausalLM(vocab_size, max_len or cfg.seq_len, model_size(cfg.model), make or make_attention(cfg))
 
 
 def build_model(cfg, make: Callable[[int], Attention] | None = None) -> CausalLM | EncoderClassifier:
@@ -103,6 +103,7 @@ def cell_shape(cfg, device: str) -> Shape:
         batch=cfg.batch_size, n_heads=cfg.model.n_heads, head_dim=cfg.model.d_model // cfg.model.n_heads,
         q_len=cfg.seq_len, k_len=cfg.seq_len + memory, causal=cfg.causal,
         bytes_per_element=torch.tensor([], dtype=dtype).element_size(), device=device,
+        n_kv_heads=cfg.model.get("n_kv_heads"),
     )
 
 

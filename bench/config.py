@@ -68,7 +68,7 @@ class Config:
 BOUNDS = {
     "seq_len": Bound(1), "batch_size": Bound(1),
     "model.d_model": Bound(1), "model.n_heads": Bound(1), "model.n_layers": Bound(1), "model.d_ff": Bound(1),
-    "model.dropout": Bound(0, high=1),
+    "model.dropout": Bound(0, high=1), "model.n_kv_heads": Bound(1),
 }
 
 
@@ -92,6 +92,10 @@ def value_problems(cfg) -> list[str]:
     if n_heads >= 1 and d_model % n_heads:
         problems.append(f"model.d_model={d_model} is not a multiple of model.n_heads={n_heads}: "
                         f"every head needs the same width")
+    n_kv_heads = cfg.model.get("n_kv_heads")
+    if n_kv_heads is not None and n_kv_heads >= 1 and n_heads % n_kv_heads:
+        problems.append(f"model.n_kv_heads={n_kv_heads} does not divide model.n_heads={n_heads}: "
+                        f"each key/value head serves a group of n_heads / n_kv_heads query heads")
     return problems
 
 

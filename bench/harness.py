@@ -44,6 +44,10 @@ def resolved_device(cfg) -> str:
         return cfg.device.value
 
 
+def kv_heads(cfg) -> int:
+    return cfg.model.get("n_kv_heads") or cfg.model.n_heads
+
+
 def cell_hash(cfg) -> str:
     """The cell's identity: the resolved config, ``device=auto`` resolved (``records.config_hash``)."""
     return records.config_hash(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), resolved_device(cfg))
@@ -62,6 +66,7 @@ def describe_cell(cfg) -> dict:
         "seq_len": cfg.seq_len,
         "batch_size": cfg.batch_size,
         "n_heads": cfg.model.n_heads,
+        "n_kv_heads": kv_heads(cfg),
         "head_dim": cfg.model.d_model // cfg.model.n_heads,
         "d_model": cfg.model.d_model,
         "n_layers": cfg.model.n_layers,
@@ -122,6 +127,7 @@ def check_supported(cfg, device: str) -> None:
         device=device, dtype=cfg.dtype.value, causal=cfg.causal,
         key_padding_mask=cfg.bench.get("pad_fraction", 0) > 0,
         head_dim=cfg.model.d_model // cfg.model.n_heads, seq_len=cfg.seq_len,
+        grouped_query=kv_heads(cfg) != cfg.model.n_heads,
     )
     reason = backend.unsupported_reason(cell, **attention_options(cfg))
     if reason:

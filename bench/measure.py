@@ -30,6 +30,8 @@ GIB = 2**30
 
 # Dense bf16/fp16 tensor-core peaks, TFLOP/s (vendor figures), for MFU.
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0}
+# HBM bandwidth, GB/s (vendor figures), the limit of memory-bound decoding.
+PEAK_BANDWIDTH_GBS = {"H100 PCIe": 2000.0, "H100 NVL": 3900.0, "H100": 3350.0, "H200": 4800.0}
 
 
 def resolve_device(requested: str) -> str:
@@ -61,6 +63,31 @@ def peak_tflops(name: str, dtype: torch.dtype) -> float | None:
         if key in name:
             return value
     return None
+
+
+def peak_bandwidth(device: str) -> tuple[float, str]:
+    """(GB/s, where the figure comes from): the vendor's HBM figure for a known GPU, else the
+    copy bandwidth measured here (a CPU: with this job's threads)."""
+    name = device_name(device)
+    for key, value in PEAK_BANDWIDTH_GBS.items():  # the longer names are checked first
+        if key in name:
+            return value, f"{key} vendor figure"
+    return copy_bandwidth_gbs(device), f"measured copy bandwidth ({torch.get_num_threads()} threads)"
+
+
+_copy_bandwidth: dict[tuple[str, int], float] = {}
+
+
+def copy_bandwidth_gbs(device: str, mib: int = 512, repeats: int = 7) -> float:
+    """The machine's memory bandwidth as a large copy sees it, measured once per process and
+    thread count: bytes read + written / median time, GB/s (10^9 bytes per second)."""
+    key = (device, torch.get_num_threads())
+    if key not in _copy_bandwidth:
+        source = torch.ones(mib * MIB // 4, device=device)  # far beyond any cache
+        target = torch.empty_like(source)
+        t = time_ms(lambda: target.copy_(source), device, warmup=2, repeats=repeats)
+        _copy_bandwidth[key] = 2 * source.numel() * 4 / (t["median"] / 1e3) / 1e9
+    return _copy_bandwidth[key]
 
 
 def synchronize(device: str) -> None:

@@ -48,6 +48,7 @@ FIELDS = {
     "seq_len": "tokens per sequence",
     "batch_size": "sequences per step",
     "n_heads": "attention heads",
+    "n_kv_heads": "key/value heads (fewer than n_heads: grouped-query attention)",
     "head_dim": "width of one head",
     "d_model": "model width",
     "n_layers": "blocks in the model",
@@ -257,6 +258,9 @@ def load_records(root: Path | str) -> list[dict[str, Any]]:
 
 # How a cell is run, logged or continued; not what it measures (left out of config_hash).
 UNHASHED = {"": ("resume", "wandb"), "bench": ("progress", "resume")}
+# Settings added after records existed, left out of the hash at the value that measures what
+# those records measured (so that a study recorded before them still resumes).
+NEUTRAL = {"model": {"n_kv_heads": None}}
 
 
 def config_hash(config: dict[str, Any], device: str | None = None) -> str:
@@ -270,6 +274,9 @@ def config_hash(config: dict[str, Any], device: str | None = None) -> str:
         kept["device"] = device
     if isinstance(kept.get("bench"), dict):
         kept["bench"] = {k: v for k, v in kept["bench"].items() if k not in UNHASHED["bench"]}
+    for group, neutral in NEUTRAL.items():
+        if isinstance(kept.get(group), dict):
+            kept[group] = {k: v for k, v in kept[group].items() if k not in neutral or v != neutral[k]}
     text = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

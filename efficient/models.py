@@ -7,13 +7,14 @@ shared across layers (Linformer's layerwise projection) can hand every layer the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from efficient.attention import Attention
 from efficient.blocks import TransformerBlock
+from efficient.kv_cache import cached_length
 from efficient.positional import PositionalEncoding
 
 
@@ -26,6 +27,7 @@ class ModelSize:
     dropout: float = 0.1
     norm: str = "pre"  # pre | post
     positional: str = "sinusoidal"  # sinusoidal | learned | none
+    n_kv_heads: Optional[int] = None  # key/value heads (grouped-query attention); None: n_heads
 
 
 class Encoder(nn.Module):
@@ -46,8 +48,10 @@ class Encoder(nn.Module):
         self.ln_final = nn.LayerNorm(size.d_model) if size.norm == "pre" else nn.Identity()
 
     def forward(self, tokens, key_padding_mask=None, causal=False, states=None):
-        """states: one per layer (or None); returns (hidden [b, n, d], new states)."""
-        h = self.drop(self.positions(self.embed(tokens) * self.embed_scale))
+        """states: one per layer (or None): Transformer-XL memories, or KV caches (decoding: the
+        tokens' positions go on after the cached ones); returns (hidden [b, n, d], new states)."""
+        start = cached_length(states)
+        h = self.drop(self.positions(self.embed(tokens) * self.embed_scale, start))
         states = states or [None] * len(self.blocks)
         new_states = []
         for block, state in zip(self.blocks, states):

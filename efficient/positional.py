@@ -22,7 +22,8 @@ def sinusoid_table(positions: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class PositionalEncoding(nn.Module):
-    """x [b, n, d] -> x + PE[:n] (sinusoidal as in Vaswani et al. 2017, learned, or none)."""
+    """x [b, n, d] -> x + PE[start : start + n] (sinusoidal as in Vaswani et al. 2017, learned,
+    or none); ``start`` > 0 when decoding after cached tokens."""
 
     def __init__(self, kind: str, d_model: int, max_len: int):
         super().__init__()
@@ -33,12 +34,12 @@ class PositionalEncoding(nn.Module):
             self.table = nn.Embedding(max_len, d_model)
             nn.init.normal_(self.table.weight, std=0.02)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[1]
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        stop = start + x.shape[1]
         if self.kind == "none":
             return x
         if self.kind == "learned":
-            if n > self.max_len:
-                raise ValueError(f"sequence of {n} tokens is longer than the learned table ({self.max_len})")
-            return x + self.table.weight[:n]
-        return x + sinusoid_table(torch.arange(n, device=x.device), x.shape[-1]).to(x.dtype)
+            if stop > self.max_len:
+                raise ValueError(f"position {stop - 1} is beyond the learned table ({self.max_len} positions)")
+            return x + self.table.weight[start:stop]
+        return x + sinusoid_table(torch.arange(start, stop, device=x.device), x.shape[-1]).to(x.dtype)

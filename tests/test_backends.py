@@ -39,6 +39,8 @@ def test_impossible_cells_have_reasons(backend_name):
         "causal": (not caps.causal, dict(causal=True), "causal"),
         "key_padding_mask": (not caps.key_padding_mask, dict(key_padding_mask=True), "padding"),
         "cross_attention": (not caps.cross_attention, dict(cross_attention=True), "cross-attention"),
+        "grouped_query": (not caps.grouped_query, dict(grouped_query=True), "n_kv_heads"),
+        "kv_cache": (not caps.kv_cache, dict(kv_cache=True), "KV cache"),
     }
     lacking.update({f"device {d}": (d not in caps.devices, dict(device=d), d) for d in ("cpu", "cuda")})
     lacking.update({f"dtype {t}": (t not in caps.dtypes, dict(dtype=t), t) for t in DTYPES})
@@ -48,7 +50,7 @@ def test_impossible_cells_have_reasons(backend_name):
         if lacks:
             assert reason and word in reason, (what, reason)
             checked += 1
-        elif what.startswith(("causal", "key_padding", "cross")):
+        elif what.startswith(("causal", "key_padding", "cross", "grouped", "kv_cache")):
             assert reason is None, (what, reason)
     assert backend.unsupported_reason(home) is None
     missing = sum(x[0] for x in lacking.values())
@@ -146,6 +148,21 @@ def test_exact_backends_match_the_reference(backend_name, causal, padded):
         mask = torch.ones(2, 37, dtype=torch.bool)
         mask[0, 30:] = False
     compare_with_reference(backend_name, x, mask=mask, causal=causal)
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_grouped_query_attention_matches_the_reference(backend_name, n_kv_heads, causal, padded):
+    """n_kv_heads < n_heads (4): forward and gradients against exact attention whose keys and
+    values are copied out per query head."""
+    exact_only(backend_name)
+    if not get_backend(backend_name).capabilities.grouped_query:
+        pytest.skip(f"{backend_name} has no grouped-query attention (its reason is tested above)")
+    mask = torch.ones(2, 37, dtype=torch.bool)
+    mask[1, 25:] = False
+    compare_with_reference(backend_name, torch.randn(2, 37, 32), mask=mask if padded else None, causal=causal,
+                           n_kv_heads=n_kv_heads)
 
 
 @pytest.mark.parametrize("q_len,k_len", [(13, 41), (41, 13)])

@@ -1,6 +1,6 @@
 """The common attention interface, capabilities as data, and the backend registry.
 
-Every backend is an ``nn.Module`` built as ``Backend(d_model, n_heads, dropout, **options)``
+Every backend is an ``nn.Module`` built as ``Backend(d_model, n_heads, dropout, n_kv_heads, **options)``
 and called as ``y, state = attn(x, context=None, key_padding_mask=None, causal=False, state=None)``:
 
     x                 [batch, q_len, d_model]
@@ -9,8 +9,14 @@ and called as ``y, state = attn(x, context=None, key_padding_mask=None, causal=F
     causal            bool; with q_len != k_len the mask is aligned bottom-right: query i sees
                       key j iff j <= i + (k_len - q_len), so the last query sees every key
                       (the convention of a KV cache and of Transformer-XL's memory)
-    state             a backend's recurrent state (Transformer-XL memory) or None
+    state             a backend's recurrent state (Transformer-XL memory), a ``KVCache``
+                      (inference: x holds the newest tokens, whose keys and values are appended
+                      to the cache before attending over all of it), or None
     y                 [batch, q_len, d_model]; a query that sees no key at all outputs zeros
+
+``n_kv_heads`` (default ``n_heads``, must divide it): grouped-query attention (Ainslie et al.
+2023; ``n_kv_heads=1`` is multi-query attention, Shazeer 2019). Query head i reads key/value
+head ``i // (n_heads // n_kv_heads)``, the layout of SDPA's and FlexAttention's ``enable_gqa``.
 
 A stateful backend (``capabilities.stateful``) also takes ``norm``: a pre-LN block's LayerNorm,
 which the backend applies to [state ; x] itself, its state then holding un-normalised inputs.
@@ -33,7 +39,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from efficient.attention.functional import exact_attention
+from efficient.attention.functional import exact_attention, repeat_kv
 from efficient.registry import Registry
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
@@ -60,6 +66,8 @@ class Capabilities:
     needs_max_len: bool = False  # the construction needs the longest sequence it will see
     exact: bool = True  # equals softmax attention up to floating-point rounding
     relative_positions: bool = False  # encodes positions itself: models add no absolute ones
+    grouped_query: bool = True  # takes n_kv_heads < n_heads (grouped-query attention)
+    kv_cache: bool = True  # decodes against a KVCache (state=KVCache)
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,8 @@ class Cell:
     key_padding_mask: bool = False
     head_dim: int = 64
     seq_len: int | None = None  # the longest input, when known (a backend built for a length checks it)
+    grouped_query: bool = False  # fewer key/value heads than query heads
+    kv_cache: bool = False  # inference against a KV cache (bench=decode)
 
 
 @dataclass(frozen=True)
@@ -110,10 +120,15 @@ class Shape:
     causal: bool = False
     bytes_per_element: int = 4
     device: str = "cuda"  # memory models may differ by device (CPU kernels are not all fused)
+    n_kv_heads: int | None = None  # None: n_heads
 
     @property
     def d_model(self) -> int:
         return self.n_heads * self.head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
 
 
 class Attention(nn.Module):
@@ -123,11 +138,17 @@ class Attention(nn.Module):
     capabilities: ClassVar[Capabilities] = Capabilities()
     option_bounds: ClassVar[dict[str, Bound]] = {}  # numeric options -> valid range (checked by configs)
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: int | None = None):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        n_kv_heads = n_kv_heads or n_heads
+        if n_kv_heads < 1 or n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
+        if n_kv_heads != n_heads and not self.capabilities.grouped_query:
+            raise Unsupported(grouped_query_reason(self.name))
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.n_kv_heads = n_kv_heads
         self.dropout = dropout
         # When True, forward computes the exact reference math with the same parameters
         # (used by the harness, in float64 on CPU, to measure each backend's error).
@@ -148,6 +169,10 @@ class Attention(nn.Module):
             return f"{cls.name} does not support cross-attention"
         if cell.key_padding_mask and not caps.key_padding_mask:
             return f"{cls.name} does not support a key padding mask"
+        if cell.grouped_query and not caps.grouped_query:
+            return grouped_query_reason(cls.name)
+        if cell.kv_cache and not caps.kv_cache:
+            return f"{cls.name} cannot decode against a KV cache" + ("" if caps.causal else " (it cannot be causal)")
         return None
 
     @classmethod
@@ -161,7 +186,7 @@ class Attention(nn.Module):
         """Why ``cell`` cannot run here, for either of the two reasons above, or None."""
         return cls.unsupported_reason(cell, **options) or cls.unavailable_reason(cell, **options)
 
-    def check_call(self, x: torch.Tensor, context, key_padding_mask, causal: bool) -> None:
+    def check_call(self, x: torch.Tensor, context, key_padding_mask, causal: bool, kv_cache: bool = False) -> None:
         cell = Cell(
             device=x.device.type,
             dtype=str(x.dtype).removeprefix("torch."),
@@ -169,6 +194,8 @@ class Attention(nn.Module):
             cross_attention=context is not None,
             key_padding_mask=key_padding_mask is not None,
             head_dim=self.head_dim,
+            grouped_query=self.n_kv_heads != self.n_heads,
+            kv_cache=kv_cache,
         )
         reason = self.unsupported_reason(cell, **self.options())
         if reason:
@@ -185,10 +212,11 @@ class Attention(nn.Module):
         return {name: getattr(self, name) for name in option_defaults(type(self))}
 
     @classmethod
-    def layer_factory(cls, d_model: int, n_heads: int, dropout: float = 0.0, **options) -> Callable[[int], "Attention"]:
+    def layer_factory(cls, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: int | None = None,
+                      **options) -> Callable[[int], "Attention"]:
         """``make(layer_index) -> Attention`` for the layers of one model (a backend whose
         parameters are shared across layers overrides this)."""
-        return lambda layer: cls(d_model, n_heads, dropout, **options)
+        return lambda layer: cls(d_model, n_heads, dropout, n_kv_heads, **options)
 
     def example_state(self, batch: int, device, dtype):
         """A recurrent state as a long stream would have it in steady state (None: stateless)."""
@@ -215,6 +243,10 @@ class Attention(nn.Module):
         return tensor * shape.bytes_per_element * (6 if training else 2)
 
 
+def grouped_query_reason(name: str) -> str:
+    return f"{name} has one key/value head per query head: it cannot take n_kv_heads < n_heads"
+
+
 def materialised_memory_bytes(shape: Shape, training: bool) -> float:
     """Memory model of attention that materialises the [n, m] scores (``full``, SDPA math).
 
@@ -234,31 +266,50 @@ class ProjectedAttention(Attention):
     """Backends that project x to per-head q, k, v, attend, then project back.
 
     Subclasses implement ``attend``; the projections, masks and the reference path are shared,
-    so every exact backend is compared against the same math on the same parameters.
+    so every exact backend is compared against the same math on the same parameters. Keys and
+    values have ``n_kv_heads`` heads; with a ``KVCache`` as ``state`` the new tokens' keys and
+    values are appended to it and the queries attend over every cached key
+    (``key_padding_mask`` then covers them all: [b, cached + new]).
     """
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
-        super().__init__(d_model, n_heads, dropout)
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: int | None = None):
+        super().__init__(d_model, n_heads, dropout, n_kv_heads)
         self.q_proj = nn.Linear(d_model, d_model)
-        self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        self.kv_proj = nn.Linear(d_model, 2 * self.n_kv_heads * self.head_dim)
         self.out_proj = nn.Linear(d_model, d_model)
 
     def forward(self, x, context=None, key_padding_mask=None, causal=False, state=None):
+        if state is not None and context is not None:
+            raise ValueError("a KV cache holds self-attention keys: decode without a context")
         if not self.reference_mode:  # the reference is plain exact math: it runs anywhere
-            self.check_call(x, context, key_padding_mask, causal)
+            self.check_call(x, context, key_padding_mask, causal, kv_cache=state is not None)
         source = x if context is None else context
         q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.n_heads)
-        k, v = rearrange(self.kv_proj(source), "b m (two h d) -> two b h m d", two=2, h=self.n_heads)
-        attend = self.reference_attend if self.reference_mode else self.attend
-        o = attend(q, k, v, key_padding_mask, causal)  # [b, h, n, d]
-        return self.out_proj(rearrange(o, "b h n d -> b n (h d)")), None
+        k, v = rearrange(self.kv_proj(source), "b m (two h d) -> two b h m d", two=2, h=self.n_kv_heads)
+        if self.reference_mode:
+            if state is not None:
+                k, v = state.append(k, v)  # [b, hk, cached + new, d]
+            o = self.reference_attend(q, k, v, key_padding_mask, causal)
+        elif state is not None:
+            state.append(k, v)
+            o = self.attend_cached(q, state, key_padding_mask, causal)
+        else:
+            o = self.attend(q, k, v, key_padding_mask, causal)  # [b, h, n, d]
+        return self.out_proj(rearrange(o, "b h n d -> b n (h d)")), state
 
     def attend(self, q, k, v, key_padding_mask, causal):  # pragma: no cover - abstract
-        """q [b, h, n, d], k and v [b, h, m, d] -> o [b, h, n, d]."""
+        """q [b, h, n, d], k and v [b, hk, m, d] (hk = n_kv_heads divides h) -> o [b, h, n, d]."""
         raise NotImplementedError
 
+    def attend_cached(self, q, cache, key_padding_mask, causal):
+        """q [b, h, t, d] of the t newest tokens, whose keys and values ``cache`` already holds."""
+        k, v = cache.filled()  # [b, hk, length, d]
+        return self.attend(q, k, v, key_padding_mask, causal)
+
     def reference_attend(self, q, k, v, key_padding_mask, causal):
-        """The exact math ``attend`` stands for (query-blocked so that long inputs fit)."""
+        """The exact math ``attend`` stands for (query-blocked so that long inputs fit), with every
+        query head's keys and values written out (no grouping)."""
+        k, v = (repeat_kv(t, q.shape[1]) for t in (k, v))
         return exact_attention(q, k, v, key_padding_mask, causal, query_block=256)
 
     @property
@@ -283,7 +334,8 @@ def get_backend(name: str) -> type[Attention]:
     return BACKENDS.get(name)
 
 
-def build_attention(name: str, d_model: int, n_heads: int, dropout: float = 0.0, **options) -> Attention:
+def build_attention(name: str, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: int | None = None,
+                    **options) -> Attention:
     cls = get_backend(name)
     valid = option_defaults(cls)
     unknown = sorted(set(options) - set(valid))
@@ -291,13 +343,14 @@ def build_attention(name: str, d_model: int, n_heads: int, dropout: float = 0.0,
         raise TypeError(
             f"{name} has no option(s) {', '.join(unknown)}; valid options: {', '.join(valid) or 'none'}"
         )
-    return cls(d_model, n_heads, dropout, **options)
+    return cls(d_model, n_heads, dropout, n_kv_heads, **options)
 
 
-def attention_factory(name: str, d_model: int, n_heads: int, dropout: float = 0.0, **options) -> Callable[[int], Attention]:
+def attention_factory(name: str, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: int | None = None,
+                      **options) -> Callable[[int], Attention]:
     """``make(layer_index) -> Attention`` building the layers of one model with backend ``name``."""
-    build_attention(name, d_model, n_heads, dropout, **options)  # validates the name and options
-    return get_backend(name).layer_factory(d_model, n_heads, dropout, **options)
+    build_attention(name, d_model, n_heads, dropout, n_kv_heads, **options)  # validates the name and options
+    return get_backend(name).layer_factory(d_model, n_heads, dropout, n_kv_heads, **options)
 
 
 @functools.lru_cache(maxsize=None)

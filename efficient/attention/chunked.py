@@ -41,7 +41,10 @@ import math
 
 import torch
 
+from einops import rearrange
+
 from efficient.attention.base import Bound, ProjectedAttention, Shape, register
+from efficient.attention.functional import repeat_kv
 
 
 def chunked_attention(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0,
@@ -271,14 +274,23 @@ class ChunkedAttention(ProjectedAttention):
     name = "chunked"
     option_bounds = {"query_chunk": Bound(1), "key_chunk": Bound(1)}
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, *,
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: int | None = None, *,
                  query_chunk: int = 1024, key_chunk: int = 1024, checkpoint: bool = True):
-        super().__init__(d_model, n_heads, dropout)
+        super().__init__(d_model, n_heads, dropout, n_kv_heads)
         if query_chunk < 1 or key_chunk < 1:
             raise ValueError(f"chunk lengths must be positive, got query_chunk={query_chunk}, key_chunk={key_chunk}")
         self.query_chunk, self.key_chunk, self.checkpoint = query_chunk, key_chunk, checkpoint
 
     def attend(self, q, k, v, key_padding_mask, causal):
+        b, h, n, d = q.shape
+        if n == 1 and k.shape[1] < h:
+            # One query per head (a decode step): the query heads of a group become the rows of one
+            # block against their shared keys (with one query, causal hides no key); no copy of the cache.
+            grouped = rearrange(q, "b (hk g) 1 d -> b hk g d", hk=k.shape[1])
+            o = chunked_attention(grouped, k, v, key_padding_mask, False, self.dropout_p,
+                                  self.query_chunk, self.key_chunk, self.checkpoint)
+            return rearrange(o, "b hk g d -> b (hk g) 1 d")
+        k, v = repeat_kv(k, h), repeat_kv(v, h)  # [b, h, m, d]: grouped keys copied out
         return chunked_attention(q, k, v, key_padding_mask, causal, self.dropout_p,
                                  self.query_chunk, self.key_chunk, self.checkpoint)
 

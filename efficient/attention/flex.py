@@ -14,10 +14,10 @@ import hashlib
 from typing import Optional
 
 import torch
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import _DEFAULT_SPARSE_BLOCK_SIZE, create_block_mask, flex_attention
 
 from efficient.attention.base import Bound, Capabilities, ProjectedAttention, Shape, Unsupported, register
-from efficient.attention.functional import exact_attention
+from efficient.attention.functional import exact_attention, repeat_kv
 
 RECOMPILE_LIMIT = 256
 _compiled = None
@@ -65,14 +65,29 @@ def block_mask_for(b, n, m, key_padding_mask, causal, window, device):
     return _block_masks[key]
 
 
+def decode_block_mask(cache, device):
+    """The BlockMask of one query over ``cache``'s buffer, keys below its length visible. The
+    length is a tensor the mask reads when the kernel runs; the mask's block layout (which blocks
+    are full, partial or empty) changes only when the length enters a new block."""
+    state = cache.extras.setdefault("flex", {"length": torch.zeros((), dtype=torch.int64, device=device)})
+    length = state["length"].fill_(cache.length)
+    block = (cache.length - 1) // _DEFAULT_SPARSE_BLOCK_SIZE
+    if state.get("block") != block:
+        state["block"] = block
+        state["mask"] = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx < length, None, None, 1,
+                                          cache.capacity, device=device)
+    return state["mask"]
+
+
 @register
 class FlexAttention(ProjectedAttention):
     name = "flex"
     capabilities = Capabilities(dtypes=("float32", "float16", "bfloat16"), backward_devices=("cuda",))
     option_bounds = {"window": Bound(1)}
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, *, window: Optional[int] = None):
-        super().__init__(d_model, n_heads, dropout)
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, *,
+                 window: Optional[int] = None):
+        super().__init__(d_model, n_heads, dropout, n_kv_heads)
         self.window = window
 
     def attend(self, q, k, v, key_padding_mask, causal):
@@ -81,9 +96,21 @@ class FlexAttention(ProjectedAttention):
         b, _, n, _ = q.shape
         m = k.shape[-2]
         mask = block_mask_for(b, n, m, key_padding_mask, causal, self.window, q.device)
-        return compiled_flex_attention()(q, k, v, block_mask=mask)  # rows that see no key -> 0
+        return compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+    def attend_cached(self, q, cache, key_padding_mask, causal):
+        """A decode step (one query, no padding, no window) attends over the cache's whole buffer
+        with the keys past its length masked: the shapes stay the same from step to step, so the
+        kernel is compiled once, and the block mask is rebuilt only when the cache enters a new
+        block. A prefill attends over the filled part, like any backend."""
+        if q.shape[-2] != 1 or key_padding_mask is not None or self.window or self.dropout_p > 0:
+            return super().attend_cached(q, cache, key_padding_mask, causal)
+        mask = decode_block_mask(cache, q.device)
+        return compiled_flex_attention()(q, cache.keys, cache.values, block_mask=mask,
+                                         enable_gqa=cache.keys.shape[1] != q.shape[1])
 
     def reference_attend(self, q, k, v, key_padding_mask, causal):
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         return exact_attention(q, k, v, key_padding_mask, causal, query_block=256, window=self.window)
 
     @classmethod

@@ -1,6 +1,7 @@
 """Exact softmax attention and the masks every backend shares.
 
-Shapes: q [b, h, n, d]; k, v [b, h, m, d]; key_padding_mask [b, m] (True = real token).
+Shapes: q [b, h, n, d]; k, v [b, hk, m, d] with hk dividing h (grouped-query attention: query
+head i reads key/value head i // (h / hk)); key_padding_mask [b, m] (True = real token).
 Causal alignment is bottom-right: query i sees key j iff j <= i + (m - n).
 """
 
@@ -9,7 +10,12 @@ from __future__ import annotations
 import math
 
 import torch
-from einops import einsum, rearrange
+from einops import einsum, rearrange, repeat
+
+
+def repeat_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[b, hk, m, d] -> [b, n_heads, m, d]: each key/value head copied for its group of query heads."""
+    return t if t.shape[1] == n_heads else repeat(t, "b hk m d -> b (hk g) m d", g=n_heads // t.shape[1])
 
 
 def visible_keys(
@@ -54,7 +60,8 @@ def exact_attention(
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v with every score materialised -> [b, h, n, d].
 
-    Scores and softmax are computed in at least float32. A query with no visible key outputs
+    With hk < h key/value heads, the query heads of a group share their keys by broadcasting
+    (no copy of k or v). Scores and softmax are computed in at least float32. A query with no visible key outputs
     zeros. ``query_block`` computes query rows in blocks (same result, bounded memory): the
     harness uses it for the float64 reference at lengths where [n, m] scores would not fit.
     """
@@ -70,14 +77,17 @@ def exact_attention(
         return torch.cat(blocks, dim=-2)
 
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
-    scores = einsum(q.to(compute_dtype), k.to(compute_dtype), "b h n d, b h m d -> b h n m")
-    scores = scores * (1.0 / math.sqrt(q.shape[-1]))  # [b, h, n, m]
+    grouped = rearrange(q, "b (hk g) n d -> b hk g n d", hk=k.shape[1])
+    scores = einsum(grouped.to(compute_dtype), k.to(compute_dtype), "b hk g n d, b hk m d -> b hk g n m")
+    scores = scores * (1.0 / math.sqrt(q.shape[-1]))  # [b, hk, g, n, m]
     mask = visible_keys(n, m, key_padding_mask, causal, q.device, window, q_offset)
     if mask is not None:
+        mask = mask[:, :, None]  # [b or 1, 1, 1, n, m]
         scores = scores.masked_fill(~mask, torch.finfo(compute_dtype).min)
     probs = scores.softmax(dim=-1)
     if mask is not None:
         probs = probs * mask.any(dim=-1, keepdim=True)  # rows that see no key -> 0
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, dropout_p)
-    return einsum(probs.to(v.dtype), v, "b h n m, b h m d -> b h n d")
+    out = einsum(probs.to(v.dtype), v, "b hk g n m, b hk m d -> b hk g n d")
+    return rearrange(out, "b hk g n d -> b (hk g) n d")

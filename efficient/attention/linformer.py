@@ -69,12 +69,12 @@ def new_projection(heads: int, k: int, max_len: int) -> nn.Parameter:
 @register
 class LinformerAttention(ProjectedAttention):
     name = "linformer"
-    capabilities = Capabilities(causal=False, needs_max_len=True, exact=False)
+    capabilities = Capabilities(causal=False, needs_max_len=True, exact=False, grouped_query=False, kv_cache=False)
     option_bounds = {"k": Bound(1), "max_len": Bound(1)}
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, *, k: int = 256,
-                 share: Share = Share.headwise, max_len: Optional[int] = None):
-        super().__init__(d_model, n_heads, dropout)
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, *,
+                 k: int = 256, share: Share = Share.headwise, max_len: Optional[int] = None):
+        super().__init__(d_model, n_heads, dropout, n_kv_heads)
         if max_len is None:
             raise ValueError("linformer needs max_len (the longest sequence) at construction")
         if k < 1 or k > max_len:
@@ -98,14 +98,15 @@ class LinformerAttention(ProjectedAttention):
         return None
 
     @classmethod
-    def layer_factory(cls, d_model: int, n_heads: int, dropout: float = 0.0, **options):
+    def layer_factory(cls, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None,
+                      **options):
         """Layers of one model; with share=layerwise every layer holds the same E = F."""
         if as_value(options.get("share", Share.headwise)) != "layerwise":
-            return super().layer_factory(d_model, n_heads, dropout, **options)
+            return super().layer_factory(d_model, n_heads, dropout, n_kv_heads, **options)
         shared: list[nn.Parameter] = []
 
         def make(layer: int) -> LinformerAttention:
-            attention = cls(d_model, n_heads, dropout, **options)
+            attention = cls(d_model, n_heads, dropout, n_kv_heads, **options)
             if shared:
                 attention.E = attention.F = shared[0]
             else:

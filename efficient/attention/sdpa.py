@@ -45,8 +45,9 @@ HALF = ("float16", "bfloat16")
 class SDPAttention(ProjectedAttention):
     name = "sdpa"
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, *, kernel: Kernel = Kernel.auto):
-        super().__init__(d_model, n_heads, dropout)
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: int | None = None, *,
+                 kernel: Kernel = Kernel.auto):
+        super().__init__(d_model, n_heads, dropout, n_kv_heads)
         self.kernel = as_value(kernel)
 
     @classmethod
@@ -66,13 +67,14 @@ class SDPAttention(ProjectedAttention):
             mask = visible_keys(n, m, key_padding_mask, causal, q.device)  # [b or 1, 1, n or 1, m]
         elif causal and n == m:
             is_causal = True
-        elif causal:
+        elif causal and n > 1:  # one query (a decode step) sees every key: no mask
             mask = causal_lower_right(n, m)
         with warnings.catch_warnings(record=True) as caught, sdpa_kernel(BACKENDS[self.kernel]):
             warnings.simplefilter("always")
             try:
                 return F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, dropout_p=self.dropout_p, is_causal=is_causal
+                    q, k, v, attn_mask=mask, dropout_p=self.dropout_p, is_causal=is_causal,
+                    enable_gqa=k.shape[1] != q.shape[1],  # grouped-query attention, natively
                 )
             except RuntimeError as e:
                 if "No available kernel" not in str(e) and "No viable backend" not in str(e):

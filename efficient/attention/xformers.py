@@ -18,6 +18,7 @@ import torch
 from einops import rearrange
 
 from efficient.attention.base import Capabilities, Cell, ProjectedAttention, Unsupported, as_value, register
+from efficient.attention.functional import repeat_kv
 
 
 class Op(enum.Enum):
@@ -66,8 +67,9 @@ class XFormersAttention(ProjectedAttention):
     name = "xformers"
     capabilities = Capabilities(devices=("cuda",), dtypes=("float32", "float16", "bfloat16"))
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, *, op: Op = Op.auto):
-        super().__init__(d_model, n_heads, dropout)
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: int | None = None, *,
+                 op: Op = Op.auto):
+        super().__init__(d_model, n_heads, dropout, n_kv_heads)
         self.op = as_value(op)
 
     @classmethod
@@ -83,6 +85,13 @@ class XFormersAttention(ProjectedAttention):
         m = k.shape[-2]
         # [b, h, n, d] views of the projections are [b, n, h, d] in memory: no copy.
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        groups = h // k.shape[2]
+        if groups > 1 and key_padding_mask is None:
+            # xformers' grouped layout [b, n, G, H, d]: a group's keys are shared with stride 0.
+            q = rearrange(q, "b n (hk g) d -> b n hk g d", g=groups)
+            k, v = (t[:, :, :, None].expand(-1, -1, -1, groups, -1) for t in (k, v))
+        elif groups > 1:  # packed keys of different lengths: copied out per query head
+            k, v = (rearrange(repeat_kv(t.transpose(1, 2), h), "b h m d -> b m h d") for t in (k, v))
         bias = None
         if key_padding_mask is not None:
             lengths = right_padding_lengths(key_padding_mask)
@@ -101,6 +110,8 @@ class XFormersAttention(ProjectedAttention):
             raise Unsupported(xformers_reason(e)) from None
         if key_padding_mask is not None:  # queries were packed into one sequence
             return rearrange(out, "1 (b n) h d -> b h n d", b=b)
+        if out.dim() == 5:  # the grouped layout
+            return rearrange(out, "b n hk g d -> b (hk g) n d")
         return out.transpose(1, 2)  # [b, h, n, d]
 
 

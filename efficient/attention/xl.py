@@ -72,13 +72,15 @@ def relative_index(n: int, klen: int, device) -> torch.Tensor:
 @register
 class XLAttention(Attention):
     name = "xl"
-    capabilities = Capabilities(cross_attention=False, stateful=True, exact=False, relative_positions=True)
+    # Its memory is its cache (the paper's evaluation mode): it decodes with state=memory, not a KVCache.
+    capabilities = Capabilities(cross_attention=False, stateful=True, exact=False, relative_positions=True,
+                                grouped_query=False, kv_cache=False)
     option_bounds = {"mem_len": Bound(0), "clamp_len": Bound(-1), "eval_mem_len": Bound(0)}
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, *, mem_len: int = 0,
-                 clamp_len: int = -1, same_length: bool = False, untie_r: bool = False,
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, *,
+                 mem_len: int = 0, clamp_len: int = -1, same_length: bool = False, untie_r: bool = False,
                  eval_mem_len: Optional[int] = None):
-        super().__init__(d_model, n_heads, dropout)
+        super().__init__(d_model, n_heads, dropout, n_kv_heads)
         for name, length in (("mem_len", mem_len), ("eval_mem_len", eval_mem_len)):
             if length is not None and length < 0:
                 raise ValueError(f"xl: {name} must be >= 0, got {length}")
@@ -97,14 +99,15 @@ class XLAttention(Attention):
         nn.init.normal_(self.v, std=0.02)
 
     @classmethod
-    def layer_factory(cls, d_model: int, n_heads: int, dropout: float = 0.0, **options):
+    def layer_factory(cls, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None,
+                      **options):
         """Layers of one model share u and v (the paper's default) unless untie_r."""
         if options.get("untie_r", False):
-            return super().layer_factory(d_model, n_heads, dropout, **options)
+            return super().layer_factory(d_model, n_heads, dropout, n_kv_heads, **options)
         shared: list[nn.Module] = []
 
         def make(layer: int) -> XLAttention:
-            attention = cls(d_model, n_heads, dropout, **options)
+            attention = cls(d_model, n_heads, dropout, n_kv_heads, **options)
             if shared:
                 attention.u, attention.v = shared[0].u, shared[0].v
             else:

@@ -1,0 +1,151 @@
+"""``bench=decode``: long-context inference, a prefill of N tokens then one token at a time.
+
+The subject is the whole causal LM (``model.*``, ``model.n_kv_heads`` for grouped-query
+attention) in eval mode, with a KV cache of N = ``seq_len`` tokens (``efficient/kv_cache.py``);
+Transformer-XL keeps its memory of N hidden states instead (``mem_len = N``, the paper's
+evaluation mode). Measured:
+
+- prefill: the time and peak memory of reading the N-token prompt into the cache, in pieces of
+  ``bench.prefill_chunk`` tokens (None: all at once), each attending over the cache so far with
+  the bottom-right causal alignment (what serving systems call chunked prefill);
+- decode: ``bench.warmup`` untimed steps, then the median latency of ``bench.decode_tokens``
+  single-token steps while the cache grows, tokens/s, and the bytes a step must read: every
+  weight once and the cache (keys and values of every layer; XL: its memory). Decoding is
+  memory-bound, so bytes / time against the device's bandwidth (``bandwidth_fraction``) is
+  how close a backend comes to its physical limit: the record's ``value``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from bench import measure
+from bench.benches import Bench, register_bench
+from bench.cell import PredictedOOM, cell_shape, language_model, make_attention
+from bench.harness import kv_heads
+from bench.measure import MIB
+from efficient.attention import Bound, Cell, Unsupported, get_backend
+from efficient.kv_cache import empty_caches
+
+
+@dataclass
+class DecodeBenchConfig:
+    name: str = "decode"
+    decode_tokens: int = 32  # timed single-token steps; the record keeps their median
+    warmup: int = 2  # untimed steps before them (also compiles: flex)
+    prefill_chunk: Optional[int] = None  # prompt tokens per prefill forward; None: the whole prompt
+    memory_budget_gib: Optional[float] = None  # None: half the free RAM (CPU), 90% of free GPU memory
+    threads: Optional[int] = None  # CPU threads; None: the cores allotted
+
+
+def check_decodable(cfg, device: str) -> None:
+    backend = get_backend(cfg.attention.name)
+    if not cfg.causal:
+        raise Unsupported("bench=decode measures causal (autoregressive) decoding: run it with causal=true")
+    if not backend.capabilities.stateful:  # a stateful backend (XL) decodes with its memory
+        cell = Cell(device, cfg.dtype.value, causal=True, kv_cache=True)
+        if reason := backend.unsupported_reason(cell):
+            raise Unsupported(reason)
+
+
+def cache_bytes(cfg, length: int, element: int) -> int:
+    """What one decode step reads of the cache: keys and values of every layer (XL: its memory of
+    ``length`` hidden states per layer, from which it recomputes keys and values)."""
+    b, layers = cfg.batch_size, cfg.model.n_layers
+    if get_backend(cfg.attention.name).capabilities.stateful:
+        return b * layers * length * cfg.model.d_model * element
+    head_dim = cfg.model.d_model // cfg.model.n_heads
+    return 2 * b * layers * kv_heads(cfg) * length * head_dim * element
+
+
+def predicted_prefill_bytes(cfg, device: str, chunk: int) -> float:
+    """The cache, plus one layer's attention and activations for the largest prefill piece."""
+    shape = cell_shape(cfg, device)
+    piece = type(shape)(**{**shape.__dict__, "q_len": chunk, "k_len": cfg.seq_len})
+    core = get_backend(cfg.attention.name).memory_bytes(piece, False, **{
+        k: v for k, v in cfg.attention.items() if k != "name"})
+    activations = cfg.batch_size * chunk * (cfg.model.d_model * 8 + cfg.model.d_ff * 2) * shape.bytes_per_element
+    capacity = cfg.seq_len + cfg.bench.warmup + cfg.bench.decode_tokens + 1
+    return cache_bytes(cfg, capacity, shape.bytes_per_element) + core + activations
+
+
+def run_decode(cfg, device: str, **context) -> dict:
+    check_decodable(cfg, device)
+    dtype = getattr(torch, cfg.dtype.value)
+    n, b, steps = cfg.seq_len, cfg.batch_size, cfg.bench.warmup + cfg.bench.decode_tokens
+    chunk = min(cfg.bench.prefill_chunk or n, n)
+    predicted = predicted_prefill_bytes(cfg, device, chunk)
+    budget = measure.memory_budget_bytes(device, cfg.bench.memory_budget_gib)
+    if predicted > budget:
+        raise PredictedOOM(f"predicted prefill peak {predicted / measure.GIB:,.1f} GiB exceeds the budget of "
+                           f"{budget / measure.GIB:,.1f} GiB (bench.memory_budget_gib; a smaller "
+                           f"bench.prefill_chunk needs less); not run")
+    stateful = get_backend(cfg.attention.name).capabilities.stateful
+    make = make_attention(cfg, mem_len=n) if stateful else None  # XL: a memory of the whole context
+    model = language_model(cfg, make, max_len=n + steps + 1).to(device=device, dtype=dtype).eval()
+    tokens = torch.randint(model.encoder.embed.num_embeddings, (b, n + steps + 1), device=device)  # [b, n + steps + 1]
+
+    def prefill():
+        states = None if stateful else empty_caches(model, b, n + steps + 1)
+        for start in range(0, n, chunk):
+            _, states = model(tokens[:, start : start + chunk], states=states)
+        return states
+
+    def step(i: int) -> None:  # decode token n + i: one query per sequence against the states
+        nonlocal states
+        _, states = model(tokens[:, n + i : n + i + 1], states=states)
+
+    with torch.no_grad():
+        started = time.perf_counter()
+        states = prefill()  # the first call compiles (flex) or initialises: timed apart
+        step(0)
+        measure.synchronize(device)
+        first_call_s = time.perf_counter() - started
+        prefill_ms = measure.time_ms(prefill, device, warmup=0, repeats=1)["median"]
+        prefill_peak, prefill_ops = measure.profile_step(prefill, device)
+        states = prefill()
+        _, decode_ops = measure.profile_step(lambda: step(0), device)  # which kernels decode one query
+        for i in range(1, 1 + cfg.bench.warmup):
+            step(i)
+        times_ms, lengths = [], []
+        for i in range(1 + cfg.bench.warmup, 1 + steps):
+            measure.synchronize(device)
+            started = time.perf_counter()
+            step(i)
+            measure.synchronize(device)
+            times_ms.append((time.perf_counter() - started) * 1e3)
+            lengths.append(n + i + 1)  # keys the step attended over
+    element = torch.tensor([], dtype=dtype).element_size()
+    weights = sum(p.numel() for name, p in model.named_parameters() if "positions" not in name) * element
+    read = [weights + cache_bytes(cfg, length, element) for length in lengths]  # bytes each step reads
+    achieved_gbs = measure.summarize([r / (t / 1e3) / 1e9 for r, t in zip(read, times_ms)])["median"]
+    peak_gbs, peak_source = measure.peak_bandwidth(device)
+    t = measure.summarize(times_ms)
+    return {
+        "fwd_ms": t["median"], "fwd_ms_p20": t["p20"], "fwd_ms_p80": t["p80"],
+        "fwd_tokens_per_s": b / (t["median"] / 1e3), "first_call_s": first_call_s,
+        "fwd_peak_mem_mib": prefill_peak / MIB, "peak_mem_mib": prefill_peak / MIB,
+        "predicted_mem_mib": predicted / MIB, "attention_ops": decode_ops,
+        "metric": "bandwidth_fraction", "value": achieved_gbs / peak_gbs,
+        "note": "fwd_ms: one decode step (a token per sequence) with the cache at seq_len; peak: the prefill's",
+        "extra": {
+            "prefill_ms": prefill_ms, "prefill_tokens_per_s": b * n / (prefill_ms / 1e3),
+            "prefill_peak_mem_mib": prefill_peak / MIB, "prefill_chunk": chunk, "prefill_ops": prefill_ops,
+            "decode_ms": t["median"], "decode_tokens": len(times_ms),
+            "cache_mib": cache_bytes(cfg, n, element) / MIB, "weights_mib": weights / MIB,
+            "bytes_per_token": statistics.median(read), "achieved_gbs": achieved_gbs,
+            "peak_gbs": peak_gbs, "peak_source": peak_source,
+        },
+    }
+
+
+register_bench(Bench(
+    "decode", DecodeBenchConfig, run_decode,
+    bounds={"decode_tokens": Bound(1), "warmup": Bound(0), "prefill_chunk": Bound(1),
+            "memory_budget_gib": Bound(0, open=True), "threads": Bound(1)},
+))
