@@ -10,18 +10,25 @@ import numpy as np
 from bench.records import cell_label
 
 # Fields that tell cells apart beside the backend and the length.
-SETTINGS = ("dtype", "device", "causal", "scope", "batch_size", "d_model", "n_heads", "bench", "task")
+SETTINGS = ("dtype", "device", "causal", "scope", "batch_size", "d_model", "n_heads", "n_kv_heads", "bench", "task")
+
+
+def setting(record: dict[str, Any], key: str) -> Any:
+    """A record's setting; records made before ``n_kv_heads`` existed had n_heads of them."""
+    if key == "n_kv_heads":
+        return record.get("n_kv_heads") or record.get("n_heads")
+    return record.get(key)
 
 
 def label(record: dict[str, Any], varying: tuple[str, ...] = ()) -> str:
     """'sdpa[kernel=flash]' plus any setting that varies across the records shown."""
     text = cell_label(record)
-    extra = [f"{k}={record.get(k)}" for k in varying]
+    extra = [f"{k}={setting(record, k)}" for k in varying]
     return f"{text} ({', '.join(extra)})" if extra else text
 
 
 def varying_settings(rows: list[dict[str, Any]]) -> tuple[str, ...]:
-    return tuple(k for k in SETTINGS if len({str(r.get(k)) for r in rows}) > 1)
+    return tuple(k for k in SETTINGS if len({str(setting(r, k)) for r in rows}) > 1)
 
 
 def fit_power_law(lengths: list[float], values: list[float]) -> tuple[float, float, float]:

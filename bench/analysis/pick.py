@@ -1,11 +1,13 @@
 """Recommend an attention backend for a length, from measured records.
 
     python -m bench.pick PATH --seq-len N [--memory-budget GiB] [--causal] [--dtype D]
-                         [--device D] [--inference] [--min-accuracy TASK=VALUE ...]
-                         [--allow-approximate] [--json]
+                         [--device D] [--inference | --decode] [--n-kv-heads K]
+                         [--min-accuracy TASK=VALUE ...] [--allow-approximate] [--json]
 
 Ranks every backend by the time of a training step (forward+backward; ``--inference``: the
-forward) at N tokens, on one device, dtype and causal setting. Where N was measured the
+forward; ``--decode``: one decoded token against a KV cache of N tokens, from ``bench=decode``
+records, within a memory budget that then includes the cache) at N tokens, on one device,
+dtype and causal setting. Where N was measured the
 record is used; otherwise each backend's power law (time and memory ~ n^k, least squares over
 its measured lengths) is extrapolated and the row says so, with the fit's spread. A power law
 fitted on short inputs says little far beyond them: extrapolating more than
@@ -28,10 +30,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.analysis.common import fit_power_law, label
+from bench.analysis.common import fit_power_law, label, setting
 from bench.records import LOWER_IS_BETTER, best_value, load_records
 
-CELL_SETTINGS = ("scope", "batch_size", "d_model", "n_heads")
+CELL_SETTINGS = ("scope", "batch_size", "d_model", "n_heads", "n_kv_heads")
 MAX_EXTRAPOLATION = 8.0  # times beyond the measured lengths that a fitted power law is trusted
 
 
@@ -78,24 +80,29 @@ def most_common(values) -> Any:
 def pick(records: list[dict[str, Any]], seq_len: int, memory_budget_gib: float | None = None,
          causal: bool = False, dtype: str | None = None, device: str | None = None,
          inference: bool = False, min_accuracy: dict[str, float] | None = None,
-         allow_approximate: bool = False, max_extrapolation: float = MAX_EXTRAPOLATION) -> Recommendation:
+         allow_approximate: bool = False, max_extrapolation: float = MAX_EXTRAPOLATION,
+         decode: bool = False, n_kv_heads: int | None = None) -> Recommendation:
     if seq_len < 1:
         raise ValueError(f"seq_len must be a positive number of tokens, got {seq_len}")
     min_accuracy = min_accuracy or {}
-    speed = [r for r in records if r.get("bench") == "speed"]
+    causal = causal or decode  # decoding is causal
+    speed = [r for r in records if r.get("bench") == ("decode" if decode else "speed")]
+    if n_kv_heads is not None:
+        speed = [r for r in speed if setting(r, "n_kv_heads") == n_kv_heads]
     accuracy = [r for r in records if r.get("bench") == "accuracy" and r.get("status") == "ok"]
     device = device or most_common(r["device"] for r in speed)
     on_device = [r for r in speed if r["device"] == device]
     dtype = dtype or most_common(r["dtype"] for r in on_device)
     matching = [r for r in on_device if r["dtype"] == dtype and bool(r["causal"]) == causal]
-    cell = most_common(tuple(r.get(k) for k in CELL_SETTINGS) for r in matching)
+    cell = most_common(tuple(setting(r, k) for k in CELL_SETTINGS) for r in matching)
     if cell is not None:
-        matching = [r for r in matching if tuple(r.get(k) for k in CELL_SETTINGS) == cell]
-    settings = {"device": device, "dtype": dtype, "causal": causal,
-                "step": "forward (inference)" if inference else "forward+backward (training step)",
+        matching = [r for r in matching if tuple(setting(r, k) for k in CELL_SETTINGS) == cell]
+    step = ("decode step (one token against a KV cache of n; memory: the prefill's peak, cache included)"
+            if decode else "forward (inference)" if inference else "forward+backward (training step)")
+    settings = {"device": device, "dtype": dtype, "causal": causal, "step": step,
                 "memory_budget_gib": memory_budget_gib, **dict(zip(CELL_SETTINGS, cell or ()))}
-    time_field = "fwd_ms" if inference else "fwd_bwd_ms"
-    memory_field = "fwd_peak_mem_mib" if inference else "fwd_bwd_peak_mem_mib"
+    time_field = "fwd_ms" if inference or decode else "fwd_bwd_ms"
+    memory_field = "peak_mem_mib" if decode else "fwd_peak_mem_mib" if inference else "fwd_bwd_peak_mem_mib"
 
     by_backend: dict[str, list[dict]] = defaultdict(list)
     for r in matching:
@@ -258,7 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--causal", action="store_true", help="a causal (decoder) workload")
     parser.add_argument("--dtype", help="float32, bfloat16, ... (default: the most measured)")
     parser.add_argument("--device", help="cpu or cuda (default: the most measured)")
-    parser.add_argument("--inference", action="store_true", help="rank by the forward pass instead of a training step")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--inference", action="store_true", help="rank by the forward pass instead of a training step")
+    mode.add_argument("--decode", action="store_true",
+                      help="rank by the per-token decode latency against a KV cache of --seq-len tokens "
+                           "(bench=decode records; the memory budget includes the cache)")
+    parser.add_argument("--n-kv-heads", type=positive_int, metavar="K",
+                        help="only records with K key/value heads (default: the most measured)")
     parser.add_argument("--min-accuracy", type=parse_floor, action="append", default=[], metavar="TASK=VALUE",
                         help="exclude backends whose best accuracy on TASK is below VALUE (for a metric "
                              "where lower is better, bits per character, above VALUE) (repeatable)")
@@ -272,11 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.path.exists():
         parser.error(f"{args.path} does not exist")
     records = load_records(args.path)
-    if not any(r.get("bench") == "speed" for r in records):
-        print(f"no speed records under {args.path}", file=sys.stderr)
+    wanted = "decode" if args.decode else "speed"
+    if not any(r.get("bench") == wanted for r in records):
+        print(f"no {wanted} records under {args.path}", file=sys.stderr)
         return 1
     rec = pick(records, args.seq_len, args.memory_budget, args.causal, args.dtype, args.device,
-               args.inference, dict(args.min_accuracy), args.allow_approximate, args.max_extrapolation)
+               args.inference, dict(args.min_accuracy), args.allow_approximate, args.max_extrapolation,
+               args.decode, args.n_kv_heads)
     print(json.dumps(asdict(rec), indent=2) if args.json else format_table(rec))
     far = [c for c in rec.ranked if c.extrapolated]
     if far and not args.json:

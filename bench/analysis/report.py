@@ -52,7 +52,8 @@ def markdown(rows: list[dict[str, Any]], baseline: str | None = None) -> str:
     devices = sorted({str(r.get("device_name")) for r in rows if r.get("device_name")})
     out = [f"Settings: {', '.join(fixed)}" + (f"; measured on {'; '.join(devices)}" if devices else ""), ""]
     searches = [r for r in rows if r.get("bench") == "maxlen"]
-    measured = [r for r in rows if r.get("bench") != "maxlen"]
+    decoding = [r for r in rows if r.get("bench") == "decode"]
+    measured = [r for r in rows if r.get("bench") not in ("maxlen", "decode")]
     for field, title, fmt in QUANTITIES:
         if not any(r.get(field) is not None for r in measured):
             continue
@@ -64,10 +65,11 @@ def markdown(rows: list[dict[str, Any]], baseline: str | None = None) -> str:
             out.append(f"| {name} | " + " | ".join(cells.get(n, "") for n in lengths) + " |")
         out.append("")
     out += maxlen_table(searches, varying)
+    out += decode_table(decoding, varying)
     out += scaling_table(measured, varying)
     if baseline:
         out += baseline_tables(rows, baseline, varying)
-    notes = sorted({f"- {label(r, varying)}: {r['note']}" for r in rows if r.get("note")})
+    notes = sorted({f"- {label(r, varying)}: {r['note']}" for r in measured + searches if r.get("note")})
     if notes:
         out += ["**Notes**", "", *notes, ""]
     failed = [r for r in rows if r["status"] != "ok"]
@@ -98,6 +100,25 @@ def maxlen_table(searches: list[dict[str, Any]], varying: tuple[str, ...]) -> li
         how = "measured (ran the step)" if extra.get("method") == "measure" else "predicted (memory guard)"
         out.append(f"| {label(r, varying)} | {r['value']:,} | {extra.get('first_failing') or 'none tried':,} | "
                    f"{extra.get('budget_gib', 0):.3g} | {'-' if peak is None else f'{peak:,.0f}'} | {how} |")
+    return out + [""]
+
+
+def decode_table(rows: list[dict[str, Any]], varying: tuple[str, ...]) -> list[str]:
+    """Per-token decoding against a KV cache of n tokens (bench=decode records)."""
+    found = [r for r in rows if r["status"] == "ok"]
+    if not found:
+        return []
+    peaks = sorted({f"{r['extra']['peak_source']}: {r['extra']['peak_gbs']:,.1f} GB/s" for r in found})
+    out = ["**Decoding: one token against a KV cache of n tokens (bench=decode)**", "",
+           f"Bandwidth peak: {'; '.join(peaks)}. A step reads every weight and the whole cache once.", "",
+           "| backend | n | ms/token | tokens/s | cache MiB | GB/s | of peak | prefill s | prefill peak MiB | decode kernel |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(found, key=lambda r: (label(r, varying), r["seq_len"])):
+        x = r["extra"]
+        kernel = ", ".join(op.removeprefix("aten::") for op in r.get("attention_ops") or []) or "-"
+        out.append(f"| {label(r, varying)} | {r['seq_len']:,} | {r['fwd_ms']:.3g} | {r['fwd_tokens_per_s']:,.0f} | "
+                   f"{x['cache_mib']:,.4g} | {x['achieved_gbs']:.3g} | {r['value']:.0%} | "
+                   f"{x['prefill_ms'] / 1e3:.3g} | {x['prefill_peak_mem_mib']:,.4g} | {kernel} |")
     return out + [""]
 
 
