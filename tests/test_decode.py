@@ -152,6 +152,20 @@ def test_bench_decode_records_latency_cache_and_bandwidth(tmp_path):
         assert extra["decode_tokens"] == 4 and r["fwd_ms"] > 0 and extra["prefill_ms"] > 0
     assert records["full", 1]["extra"]["cache_mib"] * 4 == records["full", 4]["extra"]["cache_mib"]
 
+    # pick --decode ranks by the per-token latency of one n_kv_heads setting, the cache in the budget
+    from bench.analysis.pick import pick
+    from bench.analysis.report import markdown
+
+    rows = list(records.values())
+    rec = pick(rows, 128, decode=True, n_kv_heads=1)
+    assert [c.backend for c in rec.ranked] == sorted(["full", "sdpa"], key=lambda b: records[b, 1]["fwd_ms"])
+    assert rec.ranked[0].time_ms == records[rec.ranked[0].backend, 1]["fwd_ms"] and rec.settings["n_kv_heads"] == 1
+    assert any(e.backend == "linformer" and "causal" in e.reason for e in rec.excluded)
+    tight = pick(rows, 128, memory_budget_gib=1e-6, decode=True, n_kv_heads=4)
+    assert not tight.ranked and all("budget" in e.reason for e in tight.excluded if e.backend != "linformer")
+    table = markdown(rows)
+    assert "Decoding: one token against a KV cache" in table and "| full (n_kv_heads=1) | 128 |" in table
+
 
 def test_bench_decode_refuses_a_non_causal_run(tmp_path):
     from conftest import results_under

@@ -144,9 +144,11 @@ def blocks_for(q, k, key_padding_mask, causal, dropout_p, dropout_seed, query_ch
 
 
 def flat(t: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
-    """[b, h, n, d] -> contiguous [b * h, n, d] in ``dtype``, times ``scale``."""
+    """[b, h, n, d] -> [b * h, n, d] in ``dtype``, times ``scale``, each [n, d] matrix contiguous.
+    Matrices already contiguous apart (a KV cache's filled part) are not copied."""
     t = t.reshape(-1, t.shape[-2], t.shape[-1]).to(dtype)
-    return (t * scale if scale != 1.0 else t).contiguous()
+    t = t * scale if scale != 1.0 else t
+    return t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous()
 
 
 def blockwise_forward(q, k, v, blocks: Blocks):
