@@ -165,6 +165,10 @@ def test_bench_decode_records_latency_cache_and_bandwidth(tmp_path):
     assert not tight.ranked and all("budget" in e.reason for e in tight.excluded if e.backend != "linformer")
     table = markdown(rows)
     assert "Decoding: one token against a KV cache" in table and "| full (n_kv_heads=1) | 128 |" in table
+    from bench.analysis.html_report import write_html
+
+    pngs = write_html(rows, tmp_path / "page.html")
+    assert tmp_path / "page_decode.png" in pngs and "Decoding against a KV cache" in (tmp_path / "page.html").read_text()
 
 
 def test_bench_decode_refuses_a_non_causal_run(tmp_path):

@@ -3,6 +3,7 @@
     python -m bench.report PATH --html report.html [--pareto-len N]
 
 Plots: latency and memory against length on log-log axes with each backend's fitted slope,
+(decode records) per-token latency and bandwidth fraction against the cache length,
 achieved TFLOP/s (or MFU when the device peak is known), accuracy per task, and the Pareto
 front of latency, memory and accuracy at one length; then a status grid of every cell with the
 reason of anything that did not run on hover. The PNGs are embedded (the page needs nothing
@@ -29,11 +30,11 @@ from bench.analysis.common import fit_power_law, label, varying_settings  # noqa
 STATUS_COLOURS = {"ok": "#d9f2d9", "oom": "#f8d7a8", "unsupported": "#e0e0e0", "error": "#f4b6b6"}
 
 
-def series(rows, field, varying) -> dict[str, list[tuple[int, float]]]:
-    """label -> sorted (seq_len, value) of its ok speed records that have ``field``."""
+def series(rows, field, varying, bench: str = "speed") -> dict[str, list[tuple[int, float]]]:
+    """label -> sorted (seq_len, value) of its ok ``bench`` records that have ``field``."""
     out: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for r in rows:
-        if r["status"] == "ok" and r.get("bench") == "speed" and r.get(field):
+        if r["status"] == "ok" and r.get("bench") == bench and r.get(field):
             out[label(r, varying)].append((r["seq_len"], r[field]))
     return {k: sorted(v) for k, v in sorted(out.items())}
 
@@ -97,6 +98,27 @@ def throughput_figure(rows, varying, colours) -> bytes:
     ax.set_title("Model FLOP utilisation" if use_mfu else "Achieved forward TFLOP/s")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    return figure_png(fig)
+
+
+def decode_figure(rows, varying, colours) -> bytes | None:
+    """bench=decode: the latency of one decoded token, and the fraction of the device's
+    bandwidth it achieves, against the cache length."""
+    latency = series(rows, "fwd_ms", varying, bench="decode")
+    if not latency:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    loglog_panel(axes[0], latency, "ms per token (median)", "Decode step against a KV cache of n tokens", colours)
+    for name, points in series(rows, "value", varying, bench="decode").items():
+        ns, values = zip(*points)
+        axes[1].plot(ns, values, marker="o", label=name, color=colours[name])
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_ylim(0, 1)
+    axes[1].set_xlabel("cache length (tokens)")
+    axes[1].set_ylabel("achieved / peak bandwidth")
+    axes[1].set_title("Fraction of the memory bandwidth a decode step achieves")
+    axes[1].grid(True, alpha=0.3)
+    axes[1].legend(fontsize=8)
     return figure_png(fig)
 
 
@@ -241,6 +263,9 @@ def write_html(rows: list[dict[str, Any]], path: Path, pareto_len: int | None = 
         ("memory", "Peak memory against length", memory_figure(rows, varying, colours)),
         ("throughput", "Throughput against length", throughput_figure(rows, varying, colours)),
     ]
+    decode = decode_figure(rows, varying, colours)
+    if decode:
+        figures.append(("decode", "Decoding against a KV cache", decode))
     accuracy = accuracy_figure(rows, varying, colours)
     if accuracy:
         figures.append(("accuracy", "Accuracy per task", accuracy))

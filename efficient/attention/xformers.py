@@ -1,7 +1,10 @@
 """``xformers``: ``xformers.ops.memory_efficient_attention`` with an explicit operator.
 
 ``op=auto|cutlass|flash|flash3`` picks the forward/backward operator pair (auto: xformers'
-dispatcher chooses). The [b, n, h, d] layout xformers wants is the projections' own layout,
+dispatcher chooses); ``op=decoder|splitk`` picks one of xformers' forward-only decoding
+operators (split-K over the keys, FlashDecoding's idea), for inference (``bench=decode``).
+Grouped-query attention uses xformers' grouped layout [b, n, G, H, d] with keys shared by
+stride 0. The [b, n, h, d] layout xformers wants is the projections' own layout,
 so no copy is made. Causal masks and right padding go through xformers' attention-bias
 classes (``LowerTriangularFromBottomRightMask``, ``BlockDiagonalMask`` over packed keys).
 On a CPU the cell is ``unsupported`` (xformers has no CPU operators). When xformers is missing,
@@ -26,10 +29,16 @@ class Op(enum.Enum):
     cutlass = "cutlass"
     flash = "flash"
     flash3 = "flash3"
+    decoder = "decoder"
+    splitk = "splitk"
+
+
+FORWARD_ONLY = ("decoder", "splitk")  # decoding operators: no backward
 
 
 def operator(op: str):
-    """xformers' (forward, backward) operator pair for ``op``, None for its dispatcher."""
+    """xformers' (forward, backward) operator pair for ``op`` (a forward operator alone for the
+    decoding ones), None for its dispatcher."""
     from xformers.ops import fmha
 
     return {
@@ -37,7 +46,15 @@ def operator(op: str):
         "cutlass": fmha.MemoryEfficientAttentionCutlassOp,
         "flash": fmha.MemoryEfficientAttentionFlashAttentionOp,
         "flash3": (fmha.flash3.FwOp, fmha.flash3.BwOp),
+        "decoder": fmha.decoder.FwOp,
+        "splitk": fmha.triton_splitk.FwOp,
     }[op]
+
+
+def attention_function(op: str):
+    import xformers.ops as xops
+
+    return xops.memory_efficient_attention_forward if op in FORWARD_ONLY else xops.memory_efficient_attention
 
 
 def xformers_reason(error: Exception) -> str:
@@ -51,12 +68,12 @@ def xformers_reason(error: Exception) -> str:
 def xformers_problem(device: str, dtype: str, op: str) -> str | None:
     """Why xformers cannot run attention here (in its own words), or None if it can."""
     try:
-        import xformers.ops as xops
+        import xformers.ops  # noqa: F401
     except Exception as e:  # not installed, or broken against this torch
         return f"xformers is not available: {type(e).__name__}: {e}"
     tiny = torch.zeros(1, 8, 1, 64, device=device, dtype=getattr(torch, dtype))  # [b, n, h, d]
     try:
-        xops.memory_efficient_attention(tiny, tiny, tiny, op=operator(op))
+        attention_function(op)(tiny, tiny, tiny, op=operator(op))
     except (NotImplementedError, RuntimeError) as e:
         return xformers_reason(e)
     return None
@@ -78,8 +95,10 @@ class XFormersAttention(ProjectedAttention):
         return xformers_problem(cell.device, cell.dtype, as_value(op))
 
     def attend(self, q, k, v, key_padding_mask, causal):
-        import xformers.ops as xops
         from xformers.ops.fmha import attn_bias
+
+        if self.op in FORWARD_ONLY and torch.is_grad_enabled() and q.requires_grad:
+            raise Unsupported(f"xformers op={self.op} is a forward-only decoding operator: run it under torch.no_grad()")
 
         b, h, n, _ = q.shape
         m = k.shape[-2]
@@ -102,10 +121,10 @@ class XFormersAttention(ProjectedAttention):
             real = key_padding_mask.bool()
             q = rearrange(q, "b n h d -> 1 (b n) h d")
             k, v = k[real].unsqueeze(0), v[real].unsqueeze(0)  # [1, sum(lengths), h, d]
-        elif causal:
+        elif causal and n > 1:  # (one query, a decode step, sees every key: no bias)
             bias = attn_bias.LowerTriangularMask() if n == m else attn_bias.LowerTriangularFromBottomRightMask()
         try:
-            out = xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=self.dropout_p, op=operator(self.op))
+            out = attention_function(self.op)(q, k, v, attn_bias=bias, p=self.dropout_p, op=operator(self.op))
         except NotImplementedError as e:
             raise Unsupported(xformers_reason(e)) from None
         if key_padding_mask is not None:  # queries were packed into one sequence
