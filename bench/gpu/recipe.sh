@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu/recipe.sh STEP [OUT]
 #
-# STEP: tests | main | scaling | harness | maxlen | xl_eval | linformer | lra | all
+# STEP: tests | main | scaling | harness | maxlen | xl_eval | linformer | decode | lra | all
 # OUT:  where everything is written (default results/gpu_<gpu name>); each step's sweep goes to
 #       OUT/<step>, and OUT/<step>.tar.gz packs its result.json, report.md and results.csv files.
 #
@@ -14,7 +14,7 @@
 # running the same step again (accuracy jobs also continue from their checkpoints).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
-step=${1:?usage: recipe.sh STEP [OUT]  (STEP: tests main scaling harness maxlen xl_eval linformer lra all)}
+step=${1:?usage: recipe.sh STEP [OUT]  (STEP: tests main scaling harness maxlen xl_eval linformer decode lra all)}
 cd "$repo"
 
 if ! python3 -c "import hydra, wandb" 2>/dev/null; then
@@ -48,8 +48,12 @@ run_step() {
     linformer)
       sweep linformer attention=linformer attention.k=128,256 "${gpu_cell[@]}" seq_len=4096,8192,16384,32768,65536
       sweep linformer attention=full,sdpa "${gpu_cell[@]}" seq_len=4096,8192,16384,32768,65536 ;;
+    decode)
+      sweep decode experiment=decode_gpu
+      sweep decode experiment=decode_gpu attention=sdpa attention.kernel=flash,efficient,cudnn
+      sweep decode experiment=decode_gpu attention=xformers attention.op=decoder,splitk ;;
     lra) sweep lra bench=accuracy experiment=lra_listops attention=full,linformer bench.resume=true ;;
-    *) echo "recipe: unknown step $1 (tests main scaling harness maxlen xl_eval linformer lra all)" >&2; exit 2 ;;
+    *) echo "recipe: unknown step $1 (tests main scaling harness maxlen xl_eval linformer decode lra all)" >&2; exit 2 ;;
   esac
   if [ -d "$out/$1" ]; then
     python3 -m bench.report "$out/$1" --markdown "$out/$1/report.md" --csv "$out/$1/results.csv" >/dev/null || true
@@ -59,7 +63,7 @@ run_step() {
 }
 
 if [ "$step" = all ]; then
-  for s in tests main scaling harness maxlen xl_eval linformer lra; do run_step "$s"; done
+  for s in tests main scaling harness maxlen xl_eval linformer decode lra; do run_step "$s"; done
 else
   run_step "$step"
 fi
