@@ -117,7 +117,8 @@ def layer_flops(cfg, shape: Shape) -> tuple[float, float]:
     core = backend.flops(shape, **attention_options(cfg))
     tokens, d = shape.batch * shape.q_len, shape.d_model
     key_tokens = shape.batch * shape.k_len  # the queries' tokens plus a memory's (Transformer-XL)
-    linear = 2 * d * d * (2 * tokens + 2 * key_tokens)  # q and output; k and v over every key
+    kv_width = d * shape.kv_heads // shape.n_heads  # grouped-query attention: fewer key/value heads
+    linear = 2 * d * d * 2 * tokens + 2 * d * kv_width * 2 * key_tokens  # q and output; k and v over every key
     if as_value(cfg.bench.scope) == "model":
         linear += 2 * tokens * d * cfg.model.d_ff * 2  # the FFN
         core, linear = core * cfg.model.n_layers, linear * cfg.model.n_layers

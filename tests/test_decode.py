@@ -177,3 +177,17 @@ def test_bench_decode_refuses_a_non_causal_run(tmp_path):
     out = run_cli("bench=decode", "seq_len=64", "model.d_model=64", "model.n_heads=4", cwd=tmp_path)
     (record,) = results_under(tmp_path / "run")
     assert out.returncode == 0 and record["status"] == "unsupported" and "causal=true" in record["reason"]
+
+
+def test_the_flop_model_counts_the_smaller_key_value_projection():
+    """One layer of full attention with 2 of 4 key/value heads: the FLOP model against torch's counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.cell import build_subject, cell_shape, layer_flops
+
+    cfg = compose("attention=full", "seq_len=32", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
+                  "device=cpu")
+    subject = build_subject(cfg, "cpu", torch.float32)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        subject.forward(subject.module)
+    assert counter.get_total_flops() == pytest.approx(layer_flops(cfg, cell_shape(cfg, "cpu"))[0], rel=1e-6)
