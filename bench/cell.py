@@ -90,6 +90,11 @@ def build_model(cfg, make: Callable[[int], Attention] | None = None) -> CausalLM
                              model_size(cfg.model), make or make_attention(cfg))
 
 
+def kv_heads(cfg) -> int:
+    """The model's key/value heads (``model.n_kv_heads``, default ``n_heads``)."""
+    return cfg.model.get("n_kv_heads") or cfg.model.n_heads
+
+
 def head_width(cfg) -> int:
     """The model's output width: the vocabulary (causal LM) or the classes."""
     task = get_task(cfg.task.name)

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from bench import device_lock, measure, records
 from bench.benches import get_bench
-from bench.cell import PredictedOOM, attention_options
+from bench.cell import PredictedOOM, attention_options, kv_heads
 from efficient.attention import Cell, Unavailable, Unsupported, get_backend
 
 
@@ -42,10 +42,6 @@ def resolved_device(cfg) -> str:
         return measure.resolve_device(cfg.device.value)
     except Unsupported:
         return cfg.device.value
-
-
-def kv_heads(cfg) -> int:
-    return cfg.model.get("n_kv_heads") or cfg.model.n_heads
 
 
 def cell_hash(cfg) -> str:

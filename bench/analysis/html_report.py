@@ -97,7 +97,8 @@ def throughput_figure(rows, varying, colours) -> bytes:
     ax.set_ylabel("MFU" if use_mfu else "TFLOP/s (forward)")
     ax.set_title("Model FLOP utilisation" if use_mfu else "Achieved forward TFLOP/s")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8)
     return figure_png(fig)
 
 

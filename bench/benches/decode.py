@@ -17,6 +17,7 @@ evaluation mode). Measured:
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -26,8 +27,7 @@ import torch
 
 from bench import measure
 from bench.benches import Bench, register_bench
-from bench.cell import PredictedOOM, cell_shape, language_model, make_attention
-from bench.harness import kv_heads
+from bench.cell import PredictedOOM, attention_options, cell_shape, kv_heads, language_model, make_attention
 from bench.measure import MIB
 from efficient.attention import Bound, Cell, Unsupported, get_backend
 from efficient.kv_cache import empty_caches
@@ -66,9 +66,8 @@ def cache_bytes(cfg, length: int, element: int) -> int:
 def predicted_prefill_bytes(cfg, device: str, chunk: int) -> float:
     """The cache, plus one layer's attention and activations for the largest prefill piece."""
     shape = cell_shape(cfg, device)
-    piece = type(shape)(**{**shape.__dict__, "q_len": chunk, "k_len": cfg.seq_len})
-    core = get_backend(cfg.attention.name).memory_bytes(piece, False, **{
-        k: v for k, v in cfg.attention.items() if k != "name"})
+    piece = dataclasses.replace(shape, q_len=chunk, k_len=cfg.seq_len)
+    core = get_backend(cfg.attention.name).memory_bytes(piece, False, **attention_options(cfg))
     activations = cfg.batch_size * chunk * (cfg.model.d_model * 8 + cfg.model.d_ff * 2) * shape.bytes_per_element
     capacity = cfg.seq_len + cfg.bench.warmup + cfg.bench.decode_tokens + 1
     return cache_bytes(cfg, capacity, shape.bytes_per_element) + core + activations
@@ -88,7 +87,7 @@ def run_decode(cfg, device: str, **context) -> dict:
     stateful = get_backend(cfg.attention.name).capabilities.stateful
     make = make_attention(cfg, mem_len=n) if stateful else None  # XL: a memory of the whole context
     model = language_model(cfg, make, max_len=n + steps + 1).to(device=device, dtype=dtype).eval()
-    tokens = torch.randint(model.encoder.embed.num_embeddings, (b, n + steps + 1), device=device)  # [b, n + steps + 1]
+    tokens = torch.randint(model.encoder.embed.num_embeddings, (b, n + steps + 1), device=device)  # [b, n+steps+1]
 
     def prefill():
         states = None if stateful else empty_caches(model, b, n + steps + 1)

@@ -40,7 +40,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from einops import rearrange
 
 from efficient.attention.base import Bound, ProjectedAttention, Shape, register

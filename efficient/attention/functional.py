@@ -61,9 +61,10 @@ def exact_attention(
     """softmax(q k^T / sqrt(d) + mask) v with every score materialised -> [b, h, n, d].
 
     With hk < h key/value heads, the query heads of a group share their keys by broadcasting
-    (no copy of k or v). Scores and softmax are computed in at least float32. A query with no visible key outputs
-    zeros. ``query_block`` computes query rows in blocks (same result, bounded memory): the
-    harness uses it for the float64 reference at lengths where [n, m] scores would not fit.
+    (no copy of k or v). Scores and softmax are computed in at least float32. A query with no
+    visible key outputs zeros. ``query_block`` computes query rows in blocks (same result,
+    bounded memory): the harness uses it for the float64 reference at lengths where [n, m]
+    scores would not fit.
     """
     n, m = q.shape[-2], k.shape[-2]
     if query_block and n > query_block:
