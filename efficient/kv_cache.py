@@ -28,8 +28,11 @@ class KVCache:
 
     @classmethod
     def empty(cls, batch: int, n_kv_heads: int, head_dim: int, capacity: int, device=None, dtype=None) -> "KVCache":
+        """No token cached yet. The buffers are zeros, not uninitialised memory: a kernel that reads
+        the whole buffer with the unfilled slots masked (flex) multiplies their values by zero
+        probabilities, and garbage there (NaN, inf) would survive as NaN."""
         shape = (batch, n_kv_heads, capacity, head_dim)
-        return cls(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
     @property
     def capacity(self) -> int:
