@@ -56,7 +56,7 @@ class Config:
     batch_size: int = 1
     dtype: DType = DType.float32
     device: Device = Device.auto
-    causal: bool = False
+    causal: bool = "${oc.select:bench.causal,false}"  # type: ignore[assignment]  # a bench may fix it (decode)
     seed: int = 0
     resume: bool = False  # skip cells already recorded under the sweep folder (bench/resume.py)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -92,6 +92,10 @@ def value_problems(cfg) -> list[str]:
     if n_heads >= 1 and d_model % n_heads:
         problems.append(f"model.d_model={d_model} is not a multiple of model.n_heads={n_heads}: "
                         f"every head needs the same width")
+    bench_causal = cfg.bench.get("causal")  # a bench that measures one setting only (decode: causal)
+    if bench_causal is not None and cfg.causal != bench_causal:
+        problems.append(f"bench={cfg.bench.name} runs only with causal={str(bench_causal).lower()}: "
+                        f"drop causal={str(cfg.causal).lower()}")
     n_kv_heads = cfg.model.get("n_kv_heads")
     if n_kv_heads is not None and n_kv_heads >= 1 and n_heads % n_kv_heads:
         problems.append(f"model.n_kv_heads={n_kv_heads} does not divide model.n_heads={n_heads}: "

@@ -2,7 +2,9 @@
 
 A cell a backend cannot run is ``unsupported`` (checked from its capabilities before anything
 is built); a cell predicted over the memory budget, or that really runs out of memory, is
-``oom``; anything else that goes wrong is ``error`` with its traceback in the record.
+``oom``; a cell whose measured output is NaN/Inf, or beyond an exact backend's tolerance, is
+``wrong`` (its figures kept beside that status); anything else that goes wrong is ``error``
+with its traceback in the record.
 ``final`` says whether the status belongs to the cell (ok, oom, unsupported by the backend) or
 to this machine (no CUDA here, xformers missing; and every error): resume retries the latter.
 """
@@ -21,6 +23,7 @@ from omegaconf import OmegaConf
 from bench import device_lock, measure, records
 from bench.benches import get_bench
 from bench.cell import PredictedOOM, attention_options, kv_heads
+from bench.output_check import WrongOutput
 from efficient.attention import Cell, Unavailable, Unsupported, get_backend
 
 
@@ -90,6 +93,9 @@ def run_job(cfg, record: dict | None = None, tracker=None, output_dir=None) -> d
             torch.manual_seed(cfg.seed)
             record.update(bench.run(cfg, device, tracker=tracker, output_dir=output_dir))
         record.update(status="ok", final=True)
+    except WrongOutput as e:  # measured, but the output says the figures must not be used
+        record.update(e.measured)
+        record.update(status="wrong", reason=str(e), final=False)
     except Unavailable as e:
         record.update(status="unsupported", reason=str(e), final=False)
     except Unsupported as e:

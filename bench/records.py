@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
-STATUSES = ("ok", "oom", "unsupported", "error")
+STATUSES = ("ok", "oom", "unsupported", "wrong", "error")
 LOWER_IS_BETTER = frozenset({"test_bpc"})  # accuracy-bench metrics where smaller is better
 
 
@@ -57,7 +57,8 @@ FIELDS = {
     "device": "cpu | cuda",
     "device_name": "CPU model or GPU name",
     "threads": "CPU threads used (torch.get_num_threads)",
-    "status": "ok | oom | unsupported | error",
+    "status": "ok | oom | unsupported | wrong (measured, but the output is NaN/Inf or an exact backend's "
+              "is beyond its tolerance: its figures must not be used) | error",
     "reason": "for anything but ok: a human sentence",
     "final": "true: the status holds for this cell on any machine, and resume=true skips it; false: it "
              "depends on this machine (no CUDA, a package missing) or is an error, and resume=true runs it again",
@@ -96,6 +97,30 @@ FIELDS = {
     "git_sha": "commit of the suite that measured it",
     "traceback": "for status error: the traceback",
 }
+
+
+# The figures a bench measures: in a record that is not ``ok`` (a ``wrong`` one keeps them) they
+# must not be read as results (W&B files them under ``unverified``).
+MEASUREMENTS = tuple(FIELDS)[tuple(FIELDS).index("fwd_ms"):tuple(FIELDS).index("value") + 1]
+# What a reader may rely on a field being, when it is present and not null.
+TYPES: dict[str, tuple[type, ...]] = {
+    "attention": (str,), "bench": (str,), "status": (str,), "dtype": (str,), "device": (str,),
+    "seq_len": (int,), "batch_size": (int,), "n_heads": (int,), "n_kv_heads": (int,), "d_model": (int,),
+    "causal": (bool,), "attention_options": (dict,), "reason": (str,), "metric": (str,), "extra": (dict,),
+    **{k: (int, float) for k in MEASUREMENTS if k not in ("attention_ops", "note", "reference", "metric")},
+}
+
+
+def type_problem(record: dict[str, Any]) -> str | None:
+    """The first field whose value is not of the type readers rely on, as a sentence; or None."""
+    for key, types in TYPES.items():
+        value = record.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            expected = " or ".join(t.__name__ for t in types)
+            return f"field {key!r} is {type(value).__name__} {value!r:.40}, not {expected}"
+    return None
 
 
 def empty_record() -> dict[str, Any]:
@@ -159,11 +184,11 @@ def write_atomic(path: Path | str, record: dict[str, Any]) -> None:
 
 
 # Which record of one cell is its result.json: the better status wins, a tie goes to the newer.
-STATUS_RANK = {"ok": 3, "oom": 2, "unsupported": 2, "error": 0}
+STATUS_RANK = {"ok": 3, "oom": 2, "unsupported": 2, "wrong": 1, "error": 0}
 
 
 def rank(record: dict[str, Any]) -> int:
-    """ok > oom, unsupported > unsupported on this machine only > error."""
+    """ok > oom, unsupported > unsupported on this machine only, wrong > error."""
     if record.get("status") == "unsupported" and record.get("final") is False:
         return 1
     return STATUS_RANK.get(record.get("status"), 0)
@@ -239,9 +264,12 @@ def read_record(path: Path) -> dict[str, Any] | None:
     if missing:
         warnings.warn(f"skipped {path}: not a result record (missing {', '.join(missing)})", RecordWarning)
         return None
-    if record["status"] not in STATUSES or not isinstance(record["seq_len"], int):
-        warnings.warn(f"skipped {path}: status {record['status']!r} and seq_len {record['seq_len']!r} "
-                      "do not make a valid record", RecordWarning)
+    if record["status"] not in STATUSES:
+        warnings.warn(f"skipped {path}: status {record['status']!r} is not one of {', '.join(STATUSES)}",
+                      RecordWarning)
+        return None
+    if problem := type_problem(record):
+        warnings.warn(f"skipped {path}: {problem}", RecordWarning)
         return None
     record["_path"] = str(path)
     return record
@@ -260,7 +288,7 @@ def load_records(root: Path | str) -> list[dict[str, Any]]:
 UNHASHED = {"": ("resume", "wandb"), "bench": ("progress", "resume")}
 # Settings added after records existed, left out of the hash at the value that measures what
 # those records measured (so that a study recorded before them still resumes).
-NEUTRAL = {"model": {"n_kv_heads": None}}
+NEUTRAL = {"model": {"n_kv_heads": None}, "bench": {"causal": True}}
 
 
 def config_hash(config: dict[str, Any], device: str | None = None) -> str:

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-from bench.records import cell_label
+from bench.records import MEASUREMENTS, cell_label
 
 SUMMARY_SKIP = {"config", "versions", "traceback", "attention_options"}
 # How W&B summarises the metrics that jobs log as history (accuracy jobs' learning curves).
@@ -56,6 +56,9 @@ class Tracker:
             self.run.log(metrics, step=step)
 
     def summarize(self, record: dict[str, Any]) -> None:
+        """The record as the run's summary. A record that is not ``ok`` (a ``wrong`` one keeps
+        its figures) files them under ``unverified``, where no dashboard panel of ``fwd_ms``
+        and the like reads them, and the run is tagged with its status."""
         if self.run is None:
             return
         summary = {
@@ -63,7 +66,16 @@ class Tracker:
             if k not in SUMMARY_SKIP and not k.startswith("_") and v is not None
             and not (isinstance(v, float) and not math.isfinite(v))
         }
-        self.run.summary.update(summary)
+        if record.get("status") != "ok":
+            unverified = {k: summary.pop(k) for k in MEASUREMENTS if k in summary}
+            if unverified:
+                summary["unverified"] = unverified
+        try:
+            if record.get("status") != "ok":
+                self.run.tags = (*self.run.tags, str(record.get("status")))
+            self.run.summary.update(summary)
+        except Exception as e:  # the record is already written
+            warnings.warn(f"W&B summary not written ({type(e).__name__}: {e}); the result file has the record")
 
 
 def log_sweep_table(cfg, rows: list[dict[str, Any]], sweep_dir: Path) -> None:

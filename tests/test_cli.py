@@ -7,7 +7,7 @@ import pytest
 from bench import records
 from conftest import ROOT, results_under, run_cli
 
-SMALL = ["model.d_model=64", "model.n_heads=4", "bench.repeats=2", "bench.warmup=1"]
+SMALL = ["model.d_model=64", "model.n_heads=2", "bench.repeats=2", "bench.warmup=1"]
 
 
 def test_sweep_writes_ok_records_and_offline_wandb_runs(tmp_path):

@@ -17,7 +17,7 @@ from efficient.attention.functional import exact_attention
 from efficient.kv_cache import KVCache, empty_caches
 from efficient.models import CausalLM, ModelSize
 
-VOCAB, HEADS, WIDTH = 50, 4, 32
+VOCAB, HEADS, WIDTH = 50, 4, 128  # head_dim 32: flex is refused at 8 and 16 on AVX2 (docs/upstream.md)
 SMALL_CHUNKS = {"chunked": {"query_chunk": 16, "key_chunk": 16}}  # many blocks at these lengths
 
 
@@ -129,7 +129,7 @@ def test_every_cpu_sdpa_kernel_decodes_exactly(kernel):
 
 
 def decode_cli(tmp_path, *args):
-    return run_cli("-m", "bench=decode", "causal=true", "model.d_model=64", "model.n_heads=4", "bench.decode_tokens=4",
+    return run_cli("-m", "bench=decode", "model.d_model=64", "model.n_heads=4", "bench.decode_tokens=4",
                    *args, cwd=tmp_path)
 
 
@@ -171,12 +171,53 @@ def test_bench_decode_records_latency_cache_and_bandwidth(tmp_path):
     assert tmp_path / "page_decode.png" in pngs and "Decoding against a KV cache" in (tmp_path / "page.html").read_text()
 
 
-def test_bench_decode_refuses_a_non_causal_run(tmp_path):
+def test_bench_decode_is_causal_without_being_told_and_refuses_causal_false(tmp_path):
     from conftest import results_under
 
-    out = run_cli("bench=decode", "seq_len=64", "model.d_model=64", "model.n_heads=4", cwd=tmp_path)
+    out = run_cli("bench=decode", "attention=sdpa", "seq_len=64", "model.d_model=64", "model.n_heads=2",
+                  "bench.decode_tokens=2", cwd=tmp_path)
     (record,) = results_under(tmp_path / "run")
-    assert out.returncode == 0 and record["status"] == "unsupported" and "causal=true" in record["reason"]
+    assert out.returncode == 0 and record["status"] == "ok" and record["causal"] is True, out.stderr[-2000:]
+    refused = run_cli("bench=decode", "seq_len=64", "causal=false", cwd=tmp_path)
+    assert refused.returncode != 0 and "bench=decode runs only with causal=true: drop causal=false" in refused.stderr
+    assert "Traceback" not in refused.stderr and len(results_under(tmp_path / "run")) == 1
+
+
+def test_a_decode_record_made_with_causal_true_keeps_its_cell_hash():
+    from bench.harness import cell_hash
+
+    assert cell_hash(compose("bench=decode")) == cell_hash(compose("bench=decode", "causal=true"))
+
+
+def test_a_prompt_that_is_not_a_multiple_of_the_prefill_piece_decodes(tmp_path):
+    """33 tokens in pieces of 32: the last piece ends at the prompt (it read past it, into the
+    decoded tokens, and overflowed the cache)."""
+    from bench.harness import run_job
+
+    cfg = compose("bench=decode", "attention=full", "seq_len=33", "bench.prefill_chunk=32", "bench.decode_tokens=1",
+                  "bench.warmup=1", "model.d_model=64", "model.n_heads=2", "device=cpu")
+    record = run_job(cfg, output_dir=tmp_path)
+    assert record["status"] == "ok", record["reason"]
+    assert record["max_abs_err"] < 1e-4 and "copy of the cache" in record["reference"]
+
+
+def test_a_wrong_decode_step_is_recorded_wrong_with_its_figures(tmp_path, monkeypatch):
+    from bench.harness import run_job
+    from efficient.attention.full import FullAttention
+
+    exact = FullAttention.attend_cached
+
+    def off_by_a_little(self, q, cache, key_padding_mask, causal):  # a planted fault in decode steps only
+        out = exact(self, q, cache, key_padding_mask, causal)
+        return out + 0.05 if q.shape[-2] == 1 else out
+
+    monkeypatch.setattr(FullAttention, "attend_cached", off_by_a_little)
+    cfg = compose("bench=decode", "attention=full", "seq_len=16", "bench.decode_tokens=2", "model.d_model=64",
+                  "model.n_heads=2", "device=cpu")
+    record = run_job(cfg, output_dir=tmp_path)
+    assert record["status"] == "wrong" and record["final"] is False
+    assert "the first decode step's logits: |output - exact reference| reaches" in record["reason"]
+    assert "at batch 0, position 0, token" in record["reason"] and record["fwd_ms"] > 0
 
 
 def test_the_flop_model_counts_the_smaller_key_value_projection():

@@ -261,8 +261,8 @@ def test_sdpa_unknown_kernel_is_a_config_error():
 # -- flex ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("causal", [False, True])
 def test_flex_sliding_window_matches_the_windowed_reference(causal):
-    attn = build_attention("flex", 32, 2, window=5).eval()
-    x = torch.randn(2, 40, 32)
+    attn = build_attention("flex", 64, 2, window=5).eval()  # head_dim 32: see docs/upstream.md
+    x = torch.randn(2, 40, 64)
     with torch.no_grad():
         y, _ = attn(x, causal=causal)
         changed = x.clone()
@@ -336,8 +336,8 @@ def test_gpu_kernels_match_the_fp32_reference(name, options, dtype, causal):
 
 def test_flex_block_masks_follow_the_padding_not_the_tensor():
     """Two different padding masks (even at a reused address) never share a cached block mask."""
-    attn = build_attention("flex", 32, 2).eval()
-    x = torch.randn(2, 40, 32)
+    attn = build_attention("flex", 64, 2).eval()
+    x = torch.randn(2, 40, 64)
     with torch.no_grad():
         for real in (30, 12, 30):
             mask = torch.arange(40)[None, :].expand(2, 40) < real  # a fresh tensor each time

@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from bench.records import LOWER_IS_BETTER  # noqa: E402
 from bench.analysis.common import fit_power_law, label, varying_settings  # noqa: E402
 
-STATUS_COLOURS = {"ok": "#d9f2d9", "oom": "#f8d7a8", "unsupported": "#e0e0e0", "error": "#f4b6b6"}
+STATUS_COLOURS = {"ok": "#d9f2d9", "oom": "#f8d7a8", "unsupported": "#e0e0e0", "wrong": "#e8a0e0", "error": "#f4b6b6"}
 
 
 def series(rows, field, varying, bench: str = "speed") -> dict[str, list[tuple[int, float]]]:

@@ -63,6 +63,11 @@ class Recommendation:
     justification: str
 
 
+def finite(value: Any) -> bool:
+    """A number pick can rank by: not None, NaN or Inf."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def is_exact(backend: str) -> bool:
     try:
         from efficient.attention import get_backend
@@ -138,7 +143,10 @@ def assess(name: str, cells: list[dict], seq_len: int, time_field: str, memory_f
            max_extrapolation: float = MAX_EXTRAPOLATION):
     """A Candidate (measured or extrapolated) or the Exclusion that says why not."""
     backend = cells[0]["attention"]
-    usable = [r for r in cells if r["status"] == "ok" and r.get(time_field) is not None and r.get(memory_field) is not None]
+    wrong = sorted((r for r in cells if r["status"] == "wrong"), key=lambda r: r["seq_len"])
+    if wrong:  # one wrong output says the backend cannot be trusted in these settings
+        return Exclusion(name, f"wrong output at n={wrong[0]['seq_len']}: {wrong[0].get('reason')}")
+    usable = [r for r in cells if r["status"] == "ok" and finite(r.get(time_field)) and finite(r.get(memory_field))]
     here = [r for r in usable if r["seq_len"] == seq_len]
     if here:
         basis = f"measured at n={seq_len}" + (f" ({len(here)} records, median)" if len(here) > 1 else "")
@@ -156,6 +164,11 @@ def assess(name: str, cells: list[dict], seq_len: int, time_field: str, memory_f
     points = defaultdict(list)
     for r in usable:
         points[r["seq_len"]].append((r[time_field], r[memory_field]))
+    not_finite = [r for r in cells if r["status"] == "ok" and r not in usable]
+    if not points and not_finite:
+        r = not_finite[0]
+        return Exclusion(name, f"no finite {time_field} and {memory_field} in its ok records (n={r['seq_len']}: "
+                               f"{r.get(time_field)!r}, {r.get(memory_field)!r})")
     if len(points) < 2:
         notes = {r.get("note") for r in cells if r.get("note")}
         why = f" ({notes.pop()})" if notes else f" (needs {time_field} at 2 lengths or more)"

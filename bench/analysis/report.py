@@ -4,8 +4,9 @@
                                 [--html FILE [--pareto-len N]]
 
 Reads every ``result.json`` under PATH and prints, per measured quantity, a table of
-backend x seq_len; a cell that did not run shows its status (oom, unsupported, error), and
-the reasons are listed below the tables.
+backend x seq_len; a cell that did not run shows its status (oom, unsupported, error), a cell
+whose output was wrong shows ``wrong`` (its figures are not shown), and the reasons are listed
+below the tables.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def markdown(rows: list[dict[str, Any]], baseline: str | None = None) -> str:
         out += ["**Notes**", "", *notes, ""]
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
-        out += ["**Cells that did not run**", ""]
+        out += ["**Cells that did not run, or whose output was wrong**", ""]
         seen = set()
         for r in sorted(failed, key=lambda r: (label(r, varying), r["seq_len"])):
             line = f"- {label(r, varying)}, n={r['seq_len']}: {r['status']}: {r.get('reason')}"
@@ -206,15 +207,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     text = markdown(rows, args.baseline)
     print(text)
-    if args.markdown:
-        args.markdown.write_text(text)
-    if args.csv:
-        write_csv(rows, args.csv)
-    if args.html:
-        from bench.analysis.html_report import write_html  # matplotlib is needed only here
+    try:  # an output file's folder is made if missing; one that cannot be written is a one-line error
+        for output in (args.markdown, args.csv, args.html):
+            if output:
+                output.parent.mkdir(parents=True, exist_ok=True)
+        if args.markdown:
+            args.markdown.write_text(text)
+        if args.csv:
+            write_csv(rows, args.csv)
+        if args.html:
+            from bench.analysis.html_report import write_html  # matplotlib is needed only here
 
-        pngs = write_html(rows, args.html, args.pareto_len)
-        print(f"HTML report: {args.html} (plots: {', '.join(p.name for p in pngs)})")
+            pngs = write_html(rows, args.html, args.pareto_len)
+            print(f"HTML report: {args.html} (plots: {', '.join(p.name for p in pngs)})")
+    except OSError as e:
+        print(f"report: cannot write {e.filename or 'the output'}: {e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
 
 

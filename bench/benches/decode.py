@@ -17,6 +17,7 @@ evaluation mode). Measured:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import statistics
 import time
@@ -29,13 +30,18 @@ from bench import measure
 from bench.benches import Bench, register_bench
 from bench.cell import PredictedOOM, attention_options, cell_shape, kv_heads, language_model, make_attention
 from bench.measure import MIB
-from efficient.attention import Bound, Cell, Unsupported, get_backend
-from efficient.kv_cache import empty_caches
+from bench.output_check import WrongOutput, check_exact, nonfinite
+from efficient.attention import Attention, Bound, Cell, Unsupported, get_backend
+from efficient.kv_cache import KVCache, empty_caches
+
+
+MAX_DECODE_STEPS = 100_000  # decode_tokens and warmup: a median needs far fewer; the cache grows by each
 
 
 @dataclass
 class DecodeBenchConfig:
     name: str = "decode"
+    causal: bool = True  # decoding is autoregressive: the top-level ``causal`` follows it, and false is refused
     decode_tokens: int = 32  # timed single-token steps; the record keeps their median
     warmup: int = 2  # untimed steps before them
     prefill_chunk: Optional[int] = None  # prompt tokens per prefill forward; None: the whole prompt
@@ -45,8 +51,8 @@ class DecodeBenchConfig:
 
 def check_decodable(cfg, device: str) -> None:
     backend = get_backend(cfg.attention.name)
-    if not cfg.causal:
-        raise Unsupported("bench=decode measures causal (autoregressive) decoding: run it with causal=true")
+    if not cfg.causal:  # refused with the config's values already; here for callers that skip that check
+        raise Unsupported("bench=decode measures causal (autoregressive) decoding: it cannot run with causal=false")
     if not backend.capabilities.stateful:  # a stateful backend (XL) decodes with its memory
         cell = Cell(device, cfg.dtype.value, causal=True, kv_cache=True)
         if reason := backend.unsupported_reason(cell):
@@ -73,6 +79,42 @@ def predicted_prefill_bytes(cfg, device: str, chunk: int) -> float:
     return cache_bytes(cfg, capacity, shape.bytes_per_element) + core + activations
 
 
+LOGIT_DIMS = ("batch", "position", "token")
+
+
+def reference_dtype(device: str) -> torch.dtype:
+    return torch.float32 if device == "cuda" else torch.float64
+
+
+def copy_cache(state, dtype: torch.dtype) -> KVCache:
+    """A KV cache's filled part, copied in ``dtype``, with room for one more token."""
+    keys, values = state.filled()
+    room = keys.new_zeros(*keys.shape[:2], 1, keys.shape[-1])
+    cache = KVCache(torch.cat([keys, room], dim=-2).to(dtype), torch.cat([values, room], dim=-2).to(dtype))
+    cache.length = state.length
+    return cache
+
+
+def check_decode_step(cfg, model, token, logits, reference_states, device: str):
+    """(max abs error and its reference, or None; why the step is wrong, or None) of one decode
+    step's ``logits`` [b, 1, vocab]: NaN/Inf always; with ``reference_states`` (copies of the
+    caches before the step), the exact reference's logits of the same step, within the backend's
+    tolerance."""
+    if reference_states is None:
+        return None, nonfinite(logits, "the first decode step's logits", LOGIT_DIMS)
+    ref_dtype = reference_dtype(device)
+    with torch.no_grad():
+        reference = copy.deepcopy(model).to(ref_dtype)
+        for layer in reference.modules():
+            if isinstance(layer, Attention):
+                layer.reference_mode = True
+        expected, _ = reference(token, states=reference_states)
+    error, problem = check_exact(cfg.attention.name, cfg.dtype.value, logits, expected,
+                                 "the first decode step's logits", LOGIT_DIMS)
+    where = f"exact attention over a copy of the cache, {str(ref_dtype).removeprefix('torch.')} on {device}"
+    return (error, where), problem
+
+
 def run_decode(cfg, device: str, **context) -> dict:
     check_decodable(cfg, device)
     dtype = getattr(torch, cfg.dtype.value)
@@ -85,19 +127,24 @@ def run_decode(cfg, device: str, **context) -> dict:
                            f"{budget / measure.GIB:,.1f} GiB (bench.memory_budget_gib; a smaller "
                            f"bench.prefill_chunk needs less); not run")
     stateful = get_backend(cfg.attention.name).capabilities.stateful
+    # The first decode step is checked against the exact reference on a copy of the cache (float64
+    # on CPU, float32 on GPU), when that copy fits beside the prefill; XL keeps its memory instead.
+    copy_bytes = cache_bytes(cfg, n + steps + 1, 8 if device == "cpu" else 4)
+    exact = not stateful and predicted + copy_bytes <= budget
     make = make_attention(cfg, mem_len=n) if stateful else None  # XL: a memory of the whole context
     model = language_model(cfg, make, max_len=n + steps + 1).to(device=device, dtype=dtype).eval()
     tokens = torch.randint(model.encoder.embed.num_embeddings, (b, n + steps + 1), device=device)  # [b, n+steps+1]
 
     def prefill():
         states = None if stateful else empty_caches(model, b, n + steps + 1)
-        for start in range(0, n, chunk):
-            _, states = model(tokens[:, start : start + chunk], states=states)
+        for start in range(0, n, chunk):  # the last piece may be shorter: it ends at the prompt's end
+            _, states = model(tokens[:, start : min(start + chunk, n)], states=states)
         return states
 
-    def step(i: int) -> None:  # decode token n + i: one query per sequence against the states
+    def step(i: int) -> torch.Tensor:  # decode token n + i: one query per sequence against the states
         nonlocal states
-        _, states = model(tokens[:, n + i : n + i + 1], states=states)
+        logits, states = model(tokens[:, n + i : n + i + 1], states=states)
+        return logits  # [b, 1, vocab]
 
     with torch.no_grad():
         # Untimed, under the profiler: the prefill's peak memory and kernels (and any compilation),
@@ -108,24 +155,29 @@ def run_decode(cfg, device: str, **context) -> dict:
         states = prefill()  # timed: its cache is the one decoded against
         measure.synchronize(device)
         prefill_ms = (time.perf_counter() - started) * 1e3
-        _, decode_ops = measure.profile_step(lambda: step(0), device)  # which kernels decode one query
+        before_first_step = [copy_cache(state, reference_dtype(device)) for state in states] if exact else None
+        first: list[torch.Tensor] = []
+        _, decode_ops = measure.profile_step(lambda: first.append(step(0)), device)  # which kernels decode one query
+        exact_error, problem = check_decode_step(cfg, model, tokens[:, n : n + 1], first[0], before_first_step, device)
+        before_first_step = None  # freed before the timed steps
         for i in range(1, 1 + cfg.bench.warmup):
             step(i)
         times_ms, lengths = [], []
         for i in range(1 + cfg.bench.warmup, 1 + steps):
             measure.synchronize(device)
             started = time.perf_counter()
-            step(i)
+            step_logits = step(i)
             measure.synchronize(device)
             times_ms.append((time.perf_counter() - started) * 1e3)
             lengths.append(n + i + 1)  # keys the step attended over
+        problem = problem or nonfinite(step_logits, "the last decode step's logits", LOGIT_DIMS)
     element = torch.tensor([], dtype=dtype).element_size()
     weights = sum(p.numel() for name, p in model.named_parameters() if "positions" not in name) * element
     read = [weights + cache_bytes(cfg, length, element) for length in lengths]  # bytes each step reads
     achieved_gbs = measure.summarize([r / (t / 1e3) / 1e9 for r, t in zip(read, times_ms)])["median"]
     peak_gbs, peak_source = measure.peak_bandwidth(device)
     t = measure.summarize(times_ms)
-    return {
+    result = {
         "fwd_ms": t["median"], "fwd_ms_p20": t["p20"], "fwd_ms_p80": t["p80"],
         "fwd_tokens_per_s": b / (t["median"] / 1e3),
         "fwd_peak_mem_mib": prefill_peak / MIB, "peak_mem_mib": prefill_peak / MIB,
@@ -141,10 +193,16 @@ def run_decode(cfg, device: str, **context) -> dict:
             "peak_gbs": peak_gbs, "peak_source": peak_source,
         },
     }
+    if exact_error is not None:
+        result["max_abs_err"], result["reference"] = exact_error
+    if problem:
+        raise WrongOutput(problem, measured=result)
+    return result
 
 
 register_bench(Bench(
     "decode", DecodeBenchConfig, run_decode,
-    bounds={"decode_tokens": Bound(1), "warmup": Bound(0), "prefill_chunk": Bound(1),
+    bounds={"decode_tokens": Bound(1, high=MAX_DECODE_STEPS), "warmup": Bound(0, high=MAX_DECODE_STEPS),
+            "prefill_chunk": Bound(1),
             "memory_budget_gib": Bound(0, open=True), "threads": Bound(1)},
 ))

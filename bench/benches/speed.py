@@ -20,7 +20,11 @@ from bench import measure
 from bench.benches import Bench, register_bench
 from bench.cell import PredictedOOM, Scope, Subject, build_subject, cell_shape, layer_flops, predicted_bytes
 from bench.measure import MIB
+from bench.output_check import WrongOutput, check_exact, nonfinite
 from efficient.attention import Attention, Bound, get_backend
+
+
+OUTPUT_DIMS = ("batch", "position", "feature")  # the subject's output: [b, n, d_model] (or logits)
 
 
 @dataclass
@@ -30,28 +34,34 @@ class SpeedBenchConfig:
     warmup: int = 2  # untimed runs before timing (also compiles / autotunes)
     repeats: int = 10  # timed runs; the record keeps the median and the 20th/80th percentiles
     backward: bool = True  # also time and measure forward+backward
-    check_error: bool = True  # max_abs_err against the exact reference (fp64 CPU / fp32 GPU)
+    check_error: bool = True  # max_abs_err against the exact reference (fp64 CPU / fp32 GPU); NaN/Inf always
     memory_budget_gib: Optional[float] = None  # None: half the free RAM (CPU), 90% of free GPU memory
     threads: Optional[int] = None  # CPU threads (torch.set_num_threads); None: the cores allotted
     pad_fraction: float = 0.0  # fraction of each sequence that is padding (key_padding_mask)
 
 
-def max_abs_error(subject: Subject, device: str) -> tuple[float, str]:
-    """Compare the subject's output with the exact reference math on the same parameters.
+def exact_reference(subject: Subject, device: str) -> tuple[torch.Tensor, str]:
+    """The exact reference math on the same parameters and inputs, and what it is.
 
     The reference is a copy of the module in float64 on CPU (float32 on GPU) with every
     attention layer in ``reference_mode``: the exact softmax attention its backend stands for.
     """
     ref_dtype = torch.float32 if device == "cuda" else torch.float64
     with torch.no_grad():
-        output = subject.forward(subject.module)
         reference = copy.deepcopy(subject.module).to(ref_dtype)
         for layer in reference.modules():
             if isinstance(layer, Attention):
                 layer.reference_mode = True
         expected = subject.forward(reference)
-        error = (output.to(ref_dtype) - expected).abs().max().item()
-    return error, f"exact attention, same parameters, {str(ref_dtype).removeprefix('torch.')} on {device}"
+    return expected, f"exact attention, same parameters, {str(ref_dtype).removeprefix('torch.')} on {device}"
+
+
+def gradient_problem(module: torch.nn.Module) -> Optional[str]:
+    """Where the step's parameter gradients hold NaN or Inf, or None."""
+    for name, parameter in module.named_parameters():
+        if parameter.grad is not None and (problem := nonfinite(parameter.grad, f"the gradient of {name}")):
+            return problem
+    return None
 
 
 def run_speed(cfg, device: str, **context) -> dict:
@@ -80,6 +90,7 @@ def run_speed(cfg, device: str, **context) -> dict:
         subject.loss(subject.forward(module)).backward()
 
     tokens = cfg.batch_size * cfg.seq_len
+    wrong = None  # a gradient with NaN or Inf (forward+backward)
     flops_fwd, flops_fwd_bwd = layer_flops(cfg, shape)
     started = time.perf_counter()
     fwd()  # the first call compiles (flex), autotunes or initialises: timed apart
@@ -99,6 +110,7 @@ def run_speed(cfg, device: str, **context) -> dict:
         training = False
     if training:
         t = measure.time_ms(fwd_bwd, device, warmup, repeats)
+        wrong = gradient_problem(module)
         module.zero_grad(set_to_none=True)
         result.update(
             fwd_bwd_ms=t["median"], fwd_bwd_ms_p20=t["p20"], fwd_bwd_ms_p80=t["p80"],
@@ -110,8 +122,15 @@ def run_speed(cfg, device: str, **context) -> dict:
         result["peak_mem_mib"] = result["fwd_bwd_peak_mem_mib"]
     peak = measure.peak_tflops(measure.device_name(device), dtype)
     result["mfu"] = result["tflops"] / peak if peak else None
+    output = fwd()
     if cfg.bench.check_error:
-        result["max_abs_err"], result["reference"] = max_abs_error(subject, device)
+        reference, result["reference"] = exact_reference(subject, device)
+        result["max_abs_err"], problem = check_exact(cfg.attention.name, cfg.dtype.value, output, reference,
+                                                     "the forward output", OUTPUT_DIMS)
+    else:
+        problem = nonfinite(output, "the forward output", OUTPUT_DIMS)
+    if problem or wrong:
+        raise WrongOutput(problem or wrong, measured=result)
     return result
 
 

@@ -43,6 +43,10 @@ from efficient.attention.functional import exact_attention, repeat_kv
 from efficient.registry import Registry
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
+# How far an exact backend's output may be from the exact reference (float64 on CPU, float32 on
+# GPU), relative to the output's scale (its largest |value|): forward fp16 4e-3 and bf16 2e-2 as
+# in xformers' tests; float32 1e-4; float64 against float64, rounding only.
+EXACT_TOLERANCE = {"float64": 1e-8, "float32": 1e-4, "float16": 4e-3, "bfloat16": 2e-2}
 
 
 class Unsupported(Exception):
@@ -68,6 +72,9 @@ class Capabilities:
     relative_positions: bool = False  # encodes positions itself: models add no absolute ones
     grouped_query: bool = True  # takes n_kv_heads < n_heads (grouped-query attention)
     kv_cache: bool = True  # decodes against a KVCache (state=KVCache)
+    # dtype -> the relative error an exact backend may show (see EXACT_TOLERANCE); beyond it,
+    # a measured output is recorded as wrong. Approximate backends keep their error as a figure.
+    tolerance: dict[str, float] = dataclasses.field(default_factory=lambda: dict(EXACT_TOLERANCE))
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,18 @@ recompile limit is raised so that a sweep over many lengths keeps compiling inst
 falling back to eager. The first call compiles: the speed bench records it as ``first_call_s``,
 apart from the measured steps. On CPU, torch's FlexAttention has no backward and supports
 float32, float16 and bfloat16.
+
+On CPU the kernel is C++ that inductor generates for one vector ISA (``pick_vec_isa``: the
+widest the CPU has, or the one ``ATEN_CPU_CAPABILITY`` names). Two upstream problems shape what
+the suite does there (docs/upstream.md has their reproductions and mechanisms):
+
+- with AVX2 (8 float lanes) and a head width of 8 or 16, the micro-GEMM of q k^T stores 8
+  floats past its buffer, onto the running row maxima of query rows 0-7: those rows come out
+  wrong or NaN, depending on what memory lies there. Such a cell is ``unsupported`` here, with
+  that reason. With no vector ISA at all (``ATEN_CPU_CAPABILITY=default``) nothing compiles;
+- inductor's cache of compiled graphs is not keyed by the ISA, so a kernel generated for AVX2
+  would be reused in an AVX-512 process (wrong rows again): the ISA is pinned in inductor's
+  config (``cpp.simdlen``), which the cache key includes.
 """
 
 from __future__ import annotations
@@ -16,12 +28,45 @@ from typing import Optional
 import torch
 from torch.nn.attention.flex_attention import _DEFAULT_SPARSE_BLOCK_SIZE, create_block_mask, flex_attention
 
-from efficient.attention.base import Bound, Capabilities, ProjectedAttention, Shape, Unsupported, register
+from efficient.attention.base import Bound, Capabilities, Cell, ProjectedAttention, Shape, Unsupported, register
 from efficient.attention.functional import exact_attention, repeat_kv
 
 RECOMPILE_LIMIT = 256
+# (vector bits, head widths) whose compiled CPU kernel writes out of bounds (docs/upstream.md):
+# head_dim % lanes == 0 and head_dim < 24 with 8 float lanes.
+MISCOMPILED_HEAD_DIMS = {256: (8, 16)}
 _compiled = None
 _block_masks: dict[tuple, object] = {}
+
+
+def inductor_cpu_isa():
+    """The vector ISA inductor generates CPU kernels for (``ATEN_CPU_CAPABILITY`` respected)."""
+    from torch._inductor import cpu_vec_isa
+
+    return cpu_vec_isa.pick_vec_isa()
+
+
+def cpu_isa_problem(head_dim: int) -> str | None:
+    """Why compiled FlexAttention cannot be trusted on this CPU for heads of ``head_dim``, or None."""
+    isa = inductor_cpu_isa()
+    if not isa:
+        return ("FlexAttention's compiled CPU kernel needs a vector ISA, and inductor has none here "
+                "(ATEN_CPU_CAPABILITY=default, or a CPU without AVX2): it does not compile")
+    if head_dim in MISCOMPILED_HEAD_DIMS.get(isa.bit_width(), ()):
+        return (f"FlexAttention's compiled CPU kernel writes out of bounds with inductor's {isa} code and "
+                f"head_dim={head_dim} (torch {torch.__version__}; docs/upstream.md): query rows 0-7 of a "
+                f"block come out wrong or NaN. Other head widths, or an AVX-512 CPU, are not affected")
+    return None
+
+
+def pin_cpu_isa() -> None:
+    """Put the ISA into inductor's config (and so into its cache key) without changing it."""
+    from torch._inductor import config
+
+    if config.cpp.simdlen is None and (isa := inductor_cpu_isa()):
+        config.cpp.simdlen = isa.bit_width()
+        if str(inductor_cpu_isa()) != str(isa):  # another ISA of that width would be picked
+            config.cpp.simdlen = None
 
 
 def compiled_flex_attention():
@@ -32,6 +77,7 @@ def compiled_flex_attention():
         for knob in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), RECOMPILE_LIMIT))
+        pin_cpu_isa()
         _compiled = torch.compile(flex_attention, dynamic=False)
     return _compiled
 
@@ -84,6 +130,10 @@ class FlexAttention(ProjectedAttention):
     name = "flex"
     capabilities = Capabilities(dtypes=("float32", "float16", "bfloat16"), backward_devices=("cuda",))
     option_bounds = {"window": Bound(1)}
+
+    @classmethod
+    def unavailable_reason(cls, cell: Cell, **options) -> Optional[str]:
+        return cpu_isa_problem(cell.head_dim) if cell.device == "cpu" else None
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, *,
                  window: Optional[int] = None):
