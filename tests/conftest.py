@@ -20,6 +20,16 @@ from efficient.attention import backend_names  # noqa: E402
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+def skip_unless_available(backend_name: str, cell) -> None:
+    """Skip, with the backend's reason, where this machine cannot run ``cell`` though another
+    could: a package missing, or a CPU whose compiled kernel torch gets wrong (docs/upstream.md)."""
+    from efficient.attention import get_backend
+
+    reason = get_backend(backend_name).unavailable_reason(cell)
+    if reason:
+        pytest.skip(reason)
+
+
 @pytest.fixture(autouse=True)
 def _no_wandb_by_default(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", os.environ.get("TEST_WANDB_MODE", "disabled"))

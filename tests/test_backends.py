@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import ROOT, compose
+from conftest import ROOT, compose, skip_unless_available
 from efficient.attention import (Capabilities, Cell, ProjectedAttention, Shape, Unsupported, build_attention,
                                  get_backend)
 from efficient.attention.base import DTYPES
@@ -85,6 +85,7 @@ def test_no_backward_where_the_backend_has_none(backend_name):
     backend = get_backend(backend_name)
     if "cpu" not in backend.capabilities.devices or "cpu" in backend.capabilities.backward_devices:
         pytest.skip("runs backward on CPU, or does not run on CPU")
+    skip_unless_available(backend_name, Cell("cpu", "float32", head_dim=32))
     attn = build_attention(backend_name, 128, 4)  # head_dim 32: flex is refused at 8 and 16 on AVX2
     with pytest.raises(Unsupported, match="no backward on cpu"):
         attn(torch.randn(1, 8, 128))
@@ -101,18 +102,18 @@ def test_unknown_option_lists_the_valid_ones(backend_name):
 
 
 def cpu_dtype(backend_name, **cell) -> torch.dtype:
-    """float64 where the backend runs it on CPU, else float32; skip if neither runs."""
+    """float64 where the backend runs it on this CPU, else float32; skip if neither runs."""
     backend = get_backend(backend_name)
     for dtype in (torch.float64, torch.float32):
-        if backend.unsupported_reason(Cell("cpu", str(dtype)[6:], **cell)) is None:
+        if backend.cannot_run(Cell("cpu", str(dtype)[6:], **cell)) is None:
             return dtype
-    pytest.skip(backend.unsupported_reason(Cell("cpu", "float32", **cell)))
+    pytest.skip(backend.cannot_run(Cell("cpu", "float32", **cell)))
 
 
 def compare_with_reference(backend_name, x, context=None, mask=None, causal=False, **options):
     """The backend against reference_mode (exact attention, same parameters): outputs, grads."""
     dtype = cpu_dtype(backend_name, causal=causal, key_padding_mask=mask is not None,
-                      cross_attention=context is not None)
+                      cross_attention=context is not None, head_dim=x.shape[-1] // 4)
     torch.manual_seed(0)
     attn = build_attention(backend_name, x.shape[-1], 4, **options).to(dtype)
     backward = "cpu" in get_backend(backend_name).capabilities.backward_devices

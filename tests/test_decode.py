@@ -11,7 +11,7 @@ import pytest
 import torch
 from einops import einsum
 
-from conftest import compose, run_cli
+from conftest import compose, run_cli, skip_unless_available
 from efficient.attention import Cell, Unsupported, attention_factory, build_attention, get_backend
 from efficient.attention.functional import exact_attention
 from efficient.kv_cache import KVCache, empty_caches
@@ -89,6 +89,7 @@ def decodable(name: str, n_kv_heads: int) -> None:
         pytest.skip(reason)
     if n_kv_heads != HEADS and not caps.grouped_query:
         pytest.skip(f"{name} has no grouped-query attention")
+    skip_unless_available(name, Cell("cpu", "float32", causal=True, kv_cache=True, head_dim=WIDTH // HEADS))
 
 
 @pytest.mark.parametrize("n_kv_heads", [1, 2, HEADS])

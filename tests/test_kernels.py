@@ -6,7 +6,7 @@ import enum
 import pytest
 import torch
 
-from conftest import requires_cuda
+from conftest import requires_cuda, skip_unless_available
 from efficient.attention import (Cell, Shape, Unsupported, backend_names, build_attention, get_backend,
                                  option_defaults)
 from efficient.attention.chunked import Blocks, chunked_attention
@@ -261,6 +261,7 @@ def test_sdpa_unknown_kernel_is_a_config_error():
 # -- flex ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("causal", [False, True])
 def test_flex_sliding_window_matches_the_windowed_reference(causal):
+    skip_unless_available("flex", Cell("cpu", "float32", causal=causal, head_dim=32))
     attn = build_attention("flex", 64, 2, window=5).eval()  # head_dim 32: see docs/upstream.md
     x = torch.randn(2, 40, 64)
     with torch.no_grad():
@@ -336,6 +337,7 @@ def test_gpu_kernels_match_the_fp32_reference(name, options, dtype, causal):
 
 def test_flex_block_masks_follow_the_padding_not_the_tensor():
     """Two different padding masks (even at a reused address) never share a cached block mask."""
+    skip_unless_available("flex", Cell("cpu", "float32", key_padding_mask=True, head_dim=32))
     attn = build_attention("flex", 64, 2).eval()
     x = torch.randn(2, 40, 64)
     with torch.no_grad():
