@@ -208,8 +208,8 @@ def test_a_wrong_decode_step_is_recorded_wrong_with_its_figures(tmp_path, monkey
 
     exact = FullAttention.attend_cached
 
-    def off_by_a_little(self, q, cache, key_padding_mask, causal):  # a planted fault in decode steps only
-        out = exact(self, q, cache, key_padding_mask, causal)
+    def off_by_a_little(self, q, k, v, cache, key_padding_mask, causal):  # a planted fault in decode steps only
+        out = exact(self, q, k, v, cache, key_padding_mask, causal)
         return out + 0.05 if q.shape[-2] == 1 else out
 
     monkeypatch.setattr(FullAttention, "attend_cached", off_by_a_little)

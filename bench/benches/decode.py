@@ -60,13 +60,15 @@ def check_decodable(cfg, device: str) -> None:
 
 
 def cache_bytes(cfg, length: int, element: int) -> int:
-    """What one decode step reads of the cache: keys and values of every layer (XL: its memory of
-    ``length`` hidden states per layer, from which it recomputes keys and values)."""
+    """What one decode step reads of the layers' states: a KV cache's keys and values, the running
+    sums of attention through a feature map (a fixed size), or XL's memory of ``length`` hidden
+    states per layer (from which it recomputes keys and values)."""
     b, layers = cfg.batch_size, cfg.model.n_layers
-    if get_backend(cfg.attention.name).capabilities.stateful:
+    backend = get_backend(cfg.attention.name)
+    if backend.capabilities.stateful:
         return b * layers * length * cfg.model.d_model * element
     head_dim = cfg.model.d_model // cfg.model.n_heads
-    return 2 * b * layers * kv_heads(cfg) * length * head_dim * element
+    return b * layers * backend.decoding_state_elements(kv_heads(cfg), head_dim, length, **attention_options(cfg)) * element
 
 
 def predicted_prefill_bytes(cfg, device: str, chunk: int) -> float:
@@ -126,11 +128,15 @@ def run_decode(cfg, device: str, **context) -> dict:
         raise PredictedOOM(f"predicted prefill peak {predicted / measure.GIB:,.1f} GiB exceeds the budget of "
                            f"{budget / measure.GIB:,.1f} GiB (bench.memory_budget_gib; a smaller "
                            f"bench.prefill_chunk needs less); not run")
-    stateful = get_backend(cfg.attention.name).capabilities.stateful
+    capabilities = get_backend(cfg.attention.name).capabilities
+    stateful = capabilities.stateful
     # The first decode step is checked against the exact reference on a copy of the cache (float64
-    # on CPU, float32 on GPU), when that copy fits beside the prefill; XL keeps its memory instead.
-    copy_bytes = cache_bytes(cfg, n + steps + 1, 8 if device == "cpu" else 4)
-    exact = not stateful and predicted + copy_bytes <= budget
+    # on CPU, float32 on GPU), when that copy fits beside the prefill; XL keeps its memory instead,
+    # and running sums keep no keys to attend over.
+    head_dim = cfg.model.d_model // cfg.model.n_heads
+    copy_bytes = b * cfg.model.n_layers * Attention.decoding_state_elements(kv_heads(cfg), head_dim, n + steps + 1) \
+        * (8 if device == "cpu" else 4)
+    exact = not stateful and not capabilities.constant_state and predicted + copy_bytes <= budget
     make = make_attention(cfg, mem_len=n) if stateful else None  # XL: a memory of the whole context
     model = language_model(cfg, make, max_len=n + steps + 1).to(device=device, dtype=dtype).eval()
     tokens = torch.randint(model.encoder.embed.num_embeddings, (b, n + steps + 1), device=device)  # [b, n+steps+1]

@@ -71,7 +71,8 @@ class Capabilities:
     exact: bool = True  # equals softmax attention up to floating-point rounding
     relative_positions: bool = False  # encodes positions itself: models add no absolute ones
     grouped_query: bool = True  # takes n_kv_heads < n_heads (grouped-query attention)
-    kv_cache: bool = True  # decodes against a KVCache (state=KVCache)
+    kv_cache: bool = True  # decodes against a KVCache (state=KVCache), or against its own decoding state
+    constant_state: bool = False  # decodes with a state of fixed size (RunningSums): no keys are kept
     # dtype -> the relative error an exact backend may show (see EXACT_TOLERANCE); beyond it,
     # a measured output is recorded as wrong. Approximate backends keep their error as a figure.
     tolerance: dict[str, float] = dataclasses.field(default_factory=lambda: dict(EXACT_TOLERANCE))
@@ -225,6 +226,18 @@ class Attention(nn.Module):
         parameters are shared across layers overrides this)."""
         return lambda layer: cls(d_model, n_heads, dropout, n_kv_heads, **options)
 
+    def empty_decoding_state(self, batch: int, capacity: int, device=None, dtype=None):
+        """What this layer keeps between decode steps, for up to ``capacity`` tokens: a KV cache."""
+        from efficient.kv_cache import KVCache
+
+        return KVCache.empty(batch, self.n_kv_heads, self.head_dim, capacity, device, dtype)
+
+    @classmethod
+    def decoding_state_elements(cls, n_kv_heads: int, head_dim: int, length: int, **options: Any) -> int:
+        """Numbers per sequence in one layer's decoding state after ``length`` tokens (what a decode
+        step reads): a KV cache's keys and values."""
+        return 2 * n_kv_heads * length * head_dim
+
     def example_state(self, batch: int, device, dtype):
         """A recurrent state as a long stream would have it in steady state (None: stateless)."""
         return None
@@ -298,8 +311,7 @@ class ProjectedAttention(Attention):
                 k, v = state.append(k, v)  # [b, hk, cached + new, d]
             o = self.reference_attend(q, k, v, key_padding_mask, causal)
         elif state is not None:
-            state.append(k, v)
-            o = self.attend_cached(q, state, key_padding_mask, causal)
+            o = self.attend_cached(q, k, v, state, key_padding_mask, causal)
         else:
             o = self.attend(q, k, v, key_padding_mask, causal)  # [b, h, n, d]
         return self.out_proj(rearrange(o, "b h n d -> b n (h d)")), state
@@ -308,9 +320,11 @@ class ProjectedAttention(Attention):
         """q [b, h, n, d], k and v [b, hk, m, d] (hk = n_kv_heads divides h) -> o [b, h, n, d]."""
         raise NotImplementedError
 
-    def attend_cached(self, q, cache, key_padding_mask, causal):
-        """q [b, h, t, d] of the t newest tokens, whose keys and values ``cache`` already holds."""
-        k, v = cache.filled()  # [b, hk, length, d]
+    def attend_cached(self, q, k, v, cache, key_padding_mask, causal):
+        """q [b, h, t, d], k and v [b, hk, t, d] of the t newest tokens: they join ``cache`` (a
+        ``KVCache``, or the backend's own ``empty_decoding_state``), then the queries attend over
+        every token it holds."""
+        k, v = cache.append(k, v)  # [b, hk, length, d]
         return self.attend(q, k, v, key_padding_mask, causal)
 
     def reference_attend(self, q, k, v, key_padding_mask, causal):

@@ -148,13 +148,14 @@ class FlexAttention(ProjectedAttention):
         mask = block_mask_for(b, n, m, key_padding_mask, causal, self.window, q.device)
         return compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
-    def attend_cached(self, q, cache, key_padding_mask, causal):
+    def attend_cached(self, q, k, v, cache, key_padding_mask, causal):
         """A decode step (one query, no padding, no window) attends over the cache's whole buffer
         with the keys past its length masked: the shapes stay the same from step to step, so the
         kernel is compiled once, and the block mask is rebuilt only when the cache enters a new
         block. A prefill attends over the filled part, like any backend."""
         if q.shape[-2] != 1 or key_padding_mask is not None or self.window or self.dropout_p > 0:
-            return super().attend_cached(q, cache, key_padding_mask, causal)
+            return super().attend_cached(q, k, v, cache, key_padding_mask, causal)
+        cache.append(k, v)
         mask = decode_block_mask(cache, q.device)
         return compiled_flex_attention()(q, cache.keys, cache.values, block_mask=mask,
                                          enable_gqa=cache.keys.shape[1] != q.shape[1])
