@@ -83,6 +83,7 @@ FIELDS = {
     "mfu": "forward TFLOP/s over the device's dense half-precision peak (when known)",
     "max_abs_err": "max |output - exact reference| on the same inputs and parameters",
     "reference": "what max_abs_err compares against",
+    "max_abs_err_vs_full": "a sparse mask's backend: max |output - full attention| (max_abs_err is under its mask)",
     "metric": "accuracy jobs: the metric's name",
     "value": "accuracy jobs: the metric's value",
     "extra": "bench-specific measurements (e.g. xl_eval: both models' per-token times)",

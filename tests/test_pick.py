@@ -116,3 +116,23 @@ def test_cli_json_and_table(tmp_path, capsys):
     assert "| 1 | sdpa | yes |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--seq-len", "4096", "--min-accuracy", "listops"])
+
+
+def test_a_sparse_mask_is_not_exact_and_approximations_show_their_error_against_full_attention():
+    """`sliding_window` is exact only under its mask: like `linear`, it is ranked only on request,
+    with its measured error beside it; at a length measured without an error figure, the error of
+    the longest length that has one, and that length."""
+    records = [speed("sliding_window", n, 3 * n / 1024, 10 * n / 1024, max_abs_err=3e-8, max_abs_err_vs_full=0.06)
+               for n in LENGTHS]
+    records += [speed("linear", n, 2 * n / 1024, 10 * n / 1024, max_abs_err=0.02 if n < 4096 else None)
+                for n in LENGTHS]
+    records += quadratic("full")
+    rec = pick(records, 4096)
+    assert names(rec.ranked) == ["full"]
+    assert {e.backend for e in rec.excluded if "not exact attention" in e.reason} == {"sliding_window", "linear"}
+    rec = pick(records, 4096, allow_approximate=True)
+    errors = {c.backend: c.error for c in rec.ranked}
+    assert errors == {"linear": (0.02, 2048), "sliding_window": (0.06, 4096), "full": None}
+    from bench.analysis.pick import format_table
+
+    assert "| 2.0e-02 (n=2048) |" in format_table(rec) and "| 6.0e-02 |" in format_table(rec)

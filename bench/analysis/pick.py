@@ -46,6 +46,7 @@ class Candidate:
     basis: str  # "measured at n=..." or "extrapolated from ..."
     extrapolated: bool = False
     accuracy: dict[str, float] = field(default_factory=dict)
+    error: tuple[float, int] | None = None  # an approximation's max |output - full attention|, at n
 
 
 @dataclass
@@ -69,12 +70,32 @@ def finite(value: Any) -> bool:
 
 
 def is_exact(backend: str) -> bool:
+    """Equal to full softmax attention: not an approximation, nor exact only under a sparse mask."""
     try:
         from efficient.attention import get_backend
 
-        return get_backend(backend).capabilities.exact
+        capabilities = get_backend(backend).capabilities
+        return capabilities.exact and not capabilities.sparse_mask
     except KeyError:  # a backend this version of the suite does not know
         return False
+
+
+def approximation_error(backend: str, records: list[dict], seq_len: int) -> tuple[float, int] | None:
+    """An approximate backend's error against full attention, and the length it was measured at:
+    the median of ``max_abs_err`` (an approximation) or ``max_abs_err_vs_full`` (a sparse mask)
+    at ``seq_len``, else at the longest length with a finite figure. None for an exact backend
+    or where none was measured."""
+    if is_exact(backend):
+        return None
+    field_name = "max_abs_err_vs_full" if any(finite(r.get("max_abs_err_vs_full")) for r in records) else "max_abs_err"
+    by_length: dict[int, list[float]] = defaultdict(list)
+    for r in records:
+        if finite(r.get(field_name)):
+            by_length[r["seq_len"]].append(r[field_name])
+    if not by_length:
+        return None
+    n = seq_len if seq_len in by_length else max(by_length)
+    return statistics.median(by_length[n]), n
 
 
 def most_common(values) -> Any:
@@ -151,7 +172,8 @@ def assess(name: str, cells: list[dict], seq_len: int, time_field: str, memory_f
     if here:
         basis = f"measured at n={seq_len}" + (f" ({len(here)} records, median)" if len(here) > 1 else "")
         return Candidate(name, is_exact(backend), statistics.median(r[time_field] for r in here),
-                         statistics.median(r[memory_field] for r in here), basis)
+                         statistics.median(r[memory_field] for r in here), basis,
+                         error=approximation_error(backend, usable, seq_len))
     unsupported = [r for r in cells if r["status"] == "unsupported"]
     failed_here = [r for r in cells if r["seq_len"] == seq_len and r["status"] not in ("ok", "unsupported")]
     if failed_here:
@@ -187,7 +209,7 @@ def assess(name: str, cells: list[dict], seq_len: int, time_field: str, memory_f
     basis = (f"extrapolated {factor:.1f}x from n={lengths[0]}-{lengths[-1]}: time ~ n^{k_time:.2f}, "
              f"memory ~ n^{k_mem:.2f}, fit spread ±{spread:.0%}")
     return Candidate(name, is_exact(backend), c_time * seq_len**k_time, c_mem * seq_len**k_mem, basis,
-                     extrapolated=True)
+                     extrapolated=True, error=approximation_error(backend, usable, seq_len))
 
 
 def check_accuracy(candidate: Candidate, accuracy: list[dict], floors: dict[str, float]) -> str | None:
@@ -232,10 +254,13 @@ def justify(seq_len: int, settings: dict, ranked: list[Candidate], excluded: lis
 
 def format_table(rec: Recommendation) -> str:
     lines = [f"Backends at n={rec.seq_len}: " + ", ".join(f"{k}={v}" for k, v in rec.settings.items() if v is not None),
-             "", "| rank | backend | exact | time ms | peak MiB | basis |", "|---:|---|---|---:|---:|---|"]
+             "", "| rank | backend | exact | error vs full | time ms | peak MiB | basis |",
+             "|---:|---|---|---:|---:|---:|---|"]
     for i, c in enumerate(rec.ranked, 1):
         mark = "~" if c.extrapolated else ""
-        lines.append(f"| {i} | {c.backend} | {'yes' if c.exact else 'no'} | {mark}{c.time_ms:,.4g} | "
+        error = "" if c.exact else "not measured" if c.error is None else \
+            f"{c.error[0]:.1e}" + ("" if c.error[1] == rec.seq_len else f" (n={c.error[1]})")
+        lines.append(f"| {i} | {c.backend} | {'yes' if c.exact else 'no'} | {error} | {mark}{c.time_ms:,.4g} | "
                      f"{mark}{c.memory_mib:,.4g} | {c.basis} |")
     if rec.excluded:
         lines += ["", "Excluded:"] + [f"- {e.backend}: {e.reason}" for e in rec.excluded]

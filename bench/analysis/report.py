@@ -29,6 +29,7 @@ QUANTITIES: list[tuple[str, str, Callable[[float], str]]] = [
     ("fwd_peak_mem_mib", "Peak memory above inputs, MiB (forward, no grad)", lambda v: f"{v:.4g}"),
     ("tflops", "Achieved forward TFLOP/s", lambda v: f"{v:.3g}"),
     ("max_abs_err", "Max abs error against the exact reference", lambda v: f"{v:.1e}"),
+    ("max_abs_err_vs_full", "Max abs error of a sparse mask against full attention", lambda v: f"{v:.1e}"),
     ("value", "Metric value (the record's `metric`)", lambda v: f"{v:.4g}"),
 ]
 def pivot(rows, field, fmt, varying) -> tuple[list[int], dict[str, dict[int, str]]]:

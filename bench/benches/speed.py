@@ -40,11 +40,12 @@ class SpeedBenchConfig:
     pad_fraction: float = 0.0  # fraction of each sequence that is padding (key_padding_mask)
 
 
-def exact_reference(subject: Subject, device: str) -> tuple[torch.Tensor, str]:
+def exact_reference(subject: Subject, device: str, unmasked: bool = False) -> tuple[torch.Tensor, str]:
     """The exact reference math on the same parameters and inputs, and what it is.
 
     The reference is a copy of the module in float64 on CPU (float32 on GPU) with every
-    attention layer in ``reference_mode``: the exact softmax attention its backend stands for.
+    attention layer in ``reference_mode``: the exact softmax attention its backend stands for
+    (a sparse mask's backend: under its mask; with ``unmasked``, full attention instead).
     """
     ref_dtype = torch.float32 if device == "cuda" else torch.float64
     with torch.no_grad():
@@ -52,6 +53,8 @@ def exact_reference(subject: Subject, device: str) -> tuple[torch.Tensor, str]:
         for layer in reference.modules():
             if isinstance(layer, Attention):
                 layer.reference_mode = True
+                if unmasked:
+                    layer.unmasked_reference = True
         expected = subject.forward(reference)
     return expected, f"exact attention, same parameters, {str(ref_dtype).removeprefix('torch.')} on {device}"
 
@@ -127,6 +130,9 @@ def run_speed(cfg, device: str, **context) -> dict:
         reference, result["reference"] = exact_reference(subject, device)
         result["max_abs_err"], problem = check_exact(cfg.attention.name, cfg.dtype.value, output, reference,
                                                      "the forward output", OUTPUT_DIMS)
+        if get_backend(cfg.attention.name).capabilities.sparse_mask:  # what the mask costs against full attention
+            full, _ = exact_reference(subject, device, unmasked=True)
+            result["max_abs_err_vs_full"] = (output.double() - full.double()).abs().max().item()
     else:
         problem = nonfinite(output, "the forward output", OUTPUT_DIMS)
     if problem or wrong:

@@ -73,6 +73,7 @@ class Capabilities:
     grouped_query: bool = True  # takes n_kv_heads < n_heads (grouped-query attention)
     kv_cache: bool = True  # decodes against a KVCache (state=KVCache), or against its own decoding state
     constant_state: bool = False  # decodes with a state of fixed size (RunningSums): no keys are kept
+    sparse_mask: bool = False  # exact only under its own sparse mask: to full attention, an approximation
     # dtype -> the relative error an exact backend may show (see EXACT_TOLERANCE); beyond it,
     # a measured output is recorded as wrong. Approximate backends keep their error as a figure.
     tolerance: dict[str, float] = dataclasses.field(default_factory=lambda: dict(EXACT_TOLERANCE))

@@ -1,0 +1,91 @@
+"""LRA's Table 2 beside a folder of speed records: each backend's training step relative to
+``full`` (LRA's Transformer) and to ``sdpa`` (which LRA did not have), at LRA's lengths.
+
+    python -m bench.analysis.lra_table PATH [--markdown FILE]
+
+Cells: **speed-up / memory** = the baseline's forward+backward time over the backend's (above 1:
+faster) and the backend's peak memory over the baseline's (below 1: smaller). LRA's column is
+the same two ratios from its Table 2 (steps per second and peak GB on a TPU v3 4x4, batch 32,
+the byte-level text task), as published.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+from bench.records import load_records
+
+LENGTHS = (1024, 2048, 3072, 4096)
+# LRA Table 2 (Tay et al. 2021): steps/s and peak memory (GB) at 1K, 2K, 3K, 4K.
+LRA_STEPS_PER_S = {
+    "full": (8.1, 4.9, 2.3, 1.4), "local": (9.2, 8.4, 7.4, 7.4), "linformer": (9.3, 9.1, 8.5, 7.7),
+    "reformer": (4.4, 2.2, 1.5, 1.1), "sinkhorn": (9.1, 7.9, 6.6, 5.3), "bigbird": (7.4, 3.9, 2.7, 1.5),
+    "linear": (9.1, 9.3, 8.6, 7.8), "performer": (9.5, 9.4, 8.7, 8.0),
+}
+LRA_PEAK_GB = {
+    "full": (0.85, 2.65, 5.51, 9.48), "local": (0.42, 0.76, 1.06, 1.37), "linformer": (0.37, 0.55, 0.99, 0.99),
+    "reformer": (0.48, 0.99, 1.53, 2.28), "sinkhorn": (0.47, 0.83, 1.13, 1.48), "bigbird": (0.77, 1.49, 2.18, 2.88),
+    "linear": (0.37, 0.57, 0.80, 1.03), "performer": (0.37, 0.59, 0.82, 1.06),
+}
+
+
+def measured(records: list[dict]) -> dict[tuple[str, int], tuple[float, float]]:
+    """(backend, n) -> (median forward+backward ms, median peak MiB) of the ok records."""
+    cells: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for r in records:
+        if r.get("status") == "ok" and r.get("fwd_bwd_ms") and r.get("peak_mem_mib"):
+            cells.setdefault((r["attention"], r["seq_len"]), []).append((r["fwd_bwd_ms"], r["peak_mem_mib"]))
+    return {key: (statistics.median(t for t, _ in v), statistics.median(m for _, m in v)) for key, v in cells.items()}
+
+
+def ratio_cell(cells, backend: str, baseline: str, n: int) -> str:
+    if (backend, n) not in cells or (baseline, n) not in cells:
+        return "-"
+    (time, memory), (base_time, base_memory) = cells[(backend, n)], cells[(baseline, n)]
+    return f"{base_time / time:.1f}x / {memory / base_memory:.2f}"
+
+
+def lra_cell(backend: str, n: int) -> str:
+    if backend not in LRA_STEPS_PER_S or n not in LENGTHS:
+        return "no row"
+    i = LENGTHS.index(n)
+    return f"{LRA_STEPS_PER_S[backend][i] / LRA_STEPS_PER_S['full'][i]:.1f}x / " \
+           f"{LRA_PEAK_GB[backend][i] / LRA_PEAK_GB['full'][i]:.2f}"
+
+
+def table(records: list[dict]) -> str:
+    cells = measured(records)
+    backends = sorted({b for b, _ in cells} - {"full"}, key=lambda b: (b != "sdpa", b))
+    lines = ["| backend | n | vs `full` (here) | vs `sdpa` (here) | LRA vs Transformer (TPU) | ms / MiB (here) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for backend in backends:
+        for n in sorted({n for b, n in cells if b == backend}):
+            time, memory = cells[(backend, n)]
+            versus_sdpa = ratio_cell(cells, backend, "sdpa", n) if backend != "sdpa" else ""
+            lines.append(f"| {backend} | {n} | {ratio_cell(cells, backend, 'full', n)} | {versus_sdpa} | "
+                         f"{lra_cell(backend, n)} | {time:,.0f} / {memory:,.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.analysis.lra_table", description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", type=Path, help="a folder of result.json files (searched recursively)")
+    parser.add_argument("--markdown", type=Path, help="also write the table here")
+    args = parser.parse_args(argv)
+    records = load_records(args.path)
+    if not records:
+        print(f"no result.json under {args.path}", file=sys.stderr)
+        return 2
+    text = table(records)
+    print(text)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
