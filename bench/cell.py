@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from bench.tasks import get_task
-from efficient.attention import Attention, Shape, as_value, attention_factory, get_backend, training_flops
+from efficient.attention import (Attention, Shape, as_value, attention_factory, get_backend, option_defaults,
+                                 training_flops)
 from efficient.models import CausalLM, EncoderClassifier, ModelSize
 
 
@@ -59,6 +60,13 @@ def model_size(model) -> ModelSize:
 def attention_options(cfg) -> dict:
     """The backend's options as the config sets them (enums as their plain values)."""
     return {k: as_value(v) for k, v in cfg.attention.items() if k != "name"}
+
+
+def option_words(cfg) -> str:
+    """" with kernel=flex": the options the config sets away from the backend's defaults ("" if none)."""
+    defaults = option_defaults(get_backend(cfg.attention.name))
+    changed = [f"{k}={v}" for k, v in attention_options(cfg).items() if k in defaults and as_value(defaults[k]) != v]
+    return f" with {', '.join(changed)}" if changed else ""
 
 
 def make_attention(cfg, **overrides) -> Callable[[int], Attention]:

@@ -20,12 +20,13 @@ from efficient.attention import backend_names  # noqa: E402
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def skip_unless_available(backend_name: str, cell) -> None:
-    """Skip, with the backend's reason, where this machine cannot run ``cell`` though another
-    could: a package missing, or a CPU whose compiled kernel torch gets wrong (docs/upstream.md)."""
+def skip_unless_available(backend_name: str, cell, **options) -> None:
+    """Skip, with the backend's reason, where this machine cannot run ``cell`` (with ``options``)
+    though another could: a package missing, or a CPU whose compiled kernel torch gets wrong
+    (docs/upstream.md)."""
     from efficient.attention import get_backend
 
-    reason = get_backend(backend_name).unavailable_reason(cell)
+    reason = get_backend(backend_name).unavailable_reason(cell, **options)
     if reason:
         pytest.skip(reason)
 

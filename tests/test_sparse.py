@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from efficient.attention import attention_factory, build_attention
+from conftest import requires_cuda, skip_unless_available
+from efficient.attention import attention_factory, build_attention, get_backend, sparse
+from efficient.attention.base import Cell, Unsupported
 from efficient.attention.functional import exact_attention
 
 N = 150  # not a multiple of any block below
@@ -76,20 +78,94 @@ def expected(name, attention, q, k, v, key_padding_mask, causal):
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
-def test_blockwise_attention_equals_the_written_out_mask(name, causal, padded):
-    attention = build_attention(name, 64, 4, **CASES[name][0]).double()
-    q, k, v = (t.requires_grad_() for t in qkv(N))
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_blockwise_attention_and_its_backward_equal_the_written_out_mask(name, causal, padded, kv_heads):
+    """The hand-written backward (probabilities recomputed from the log-sum-exp) against autograd
+    through the dense reference, grouped heads included."""
+    attention = build_attention(name, 64, 4, n_kv_heads=kv_heads, **CASES[name][0]).double()
+    q, k, v = (t.requires_grad_() for t in qkv(N, kv_heads=kv_heads))
     mask = None
     if padded:
         mask = torch.ones(2, N, dtype=torch.bool)
         mask[1, 100:] = False
     out = attention.attend(q, k, v, mask, causal)
     ref_inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    reference = expected(name, attention, *ref_inputs, mask, causal)
+    spread = [t.repeat_interleave(4 // kv_heads, dim=1) for t in ref_inputs[1:]]
+    reference = expected(name, attention, ref_inputs[0], *spread, mask, causal)
     assert (out - reference).abs().max() < 1e-10
     for g, g_ref in zip(torch.autograd.grad(out.square().sum(), (q, k, v)),
                         torch.autograd.grad(reference.square().sum(), ref_inputs)):
         assert (g - g_ref).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_flex_kernel_computes_the_same_mask(name, causal):
+    """kernel=flex (FlexAttention's block mask, compiled; forward only on CPU) in float32 with
+    padding and grouped heads, against the written-out mask."""
+    skip_unless_available(name, Cell("cpu", "float32", head_dim=32), kernel="flex")
+    attention = build_attention(name, 128, 4, n_kv_heads=2, kernel="flex", **CASES[name][0])
+    q, k, v = (t.float() for t in qkv(N, kv_heads=2))
+    q, k, v = (torch.cat([t, t.flip(-1)], dim=-1) for t in (q, k, v))  # head_dim 32 (docs/upstream.md: not 8 or 16)
+    mask = torch.ones(2, N, dtype=torch.bool)
+    mask[1, 100:] = False
+    with torch.no_grad():
+        out = attention.attend(q, k, v, mask, causal)
+    spread = [t.repeat_interleave(2, dim=1).double() for t in (k, v)]
+    assert (out - expected(name, attention, q.double(), *spread, mask, causal)).abs().max() < 1e-5
+
+
+def test_with_attention_dropout_autograd_runs_and_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    attention = build_attention("bigbird", 64, 4, dropout=0.5, block=8, random_blocks=2).double()
+    q, k, v = (t.requires_grad_() for t in qkv(N))
+    dropped = attention.train().attend(q, k, v, None, False)
+    torch.autograd.grad(dropped.sum(), (q, k, v))
+    with torch.no_grad():
+        plain = attention.eval().attend(q, k, v, None, False)
+    assert (plain - expected("bigbird", attention, q, k, v, None, False)).abs().max() < 1e-10
+    assert (dropped - plain).abs().max() > 0.1
+
+
+def test_the_flex_kernel_is_refused_where_it_cannot_run_and_auto_takes_blockwise_on_cpu(monkeypatch):
+    attention = build_attention("local", 64, 4, block=16, kernel="flex")
+    with pytest.raises(Unsupported, match="no backward on cpu"):
+        attention(torch.randn(2, N, 64))
+    assert get_backend("local").trains_on("cpu") and not get_backend("local").trains_on("cpu", kernel="flex")
+    q, k, v = (t.float() for t in qkv(N))
+    attention = build_attention("local", 64, 4, dropout=0.1, block=16, kernel="flex").train()
+    with pytest.raises(Unsupported, match="without attention dropout"), torch.no_grad():
+        attention.attend(q, k, v, None, False)
+
+    def no_flex(*args):
+        raise AssertionError("kernel=auto took FlexAttention on CPU")
+
+    monkeypatch.setattr(sparse, "flex_sparse_attention", no_flex)
+    attention = build_attention("local", 64, 4, block=16)  # kernel=auto
+    assert attention.attend(q, k, v, None, False).shape == q.shape
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("name", list(CASES))
+def test_on_cuda_auto_takes_flex_and_equals_blockwise_with_gradients(name):
+    torch.manual_seed(0)
+    flex_layer = build_attention(name, 256, 4, n_kv_heads=2, **CASES[name][0]).cuda()  # kernel=auto
+    blockwise = build_attention(name, 256, 4, n_kv_heads=2, kernel="blockwise", **CASES[name][0]).cuda()
+    blockwise.load_state_dict(flex_layer.state_dict())
+    x = torch.randn(2, 1000, 256, device="cuda")
+    mask = torch.ones(2, 1000, dtype=torch.bool, device="cuda")
+    mask[1, 700:] = False
+    for causal in (False, True):
+        outputs, grads = [], []
+        for layer in (flex_layer, blockwise):
+            inputs = x.clone().requires_grad_()
+            y, _ = layer(inputs, key_padding_mask=mask, causal=causal)
+            outputs.append(y)
+            grads.append(torch.autograd.grad(y.square().sum(), inputs)[0])
+        assert flex_layer.__dict__.get("_flex_block_masks"), "kernel=auto did not take FlexAttention on CUDA"
+        assert (outputs[0] - outputs[1]).abs().max() < 1e-4 * outputs[1].abs().max()
+        assert (grads[0] - grads[1]).abs().max() < 1e-3 * grads[1].abs().max()
 
 
 @pytest.mark.parametrize("name", list(CASES))

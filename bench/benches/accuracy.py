@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from bench import measure, records
 from bench.benches import Bench, register_bench
-from bench.cell import build_model
+from bench.cell import attention_options, build_model, option_words
 from bench.tasks import get_task, task_names
 from efficient.attention import Bound, Unsupported, get_backend
 
@@ -79,8 +79,8 @@ def learning_rate(step: int, warmup: int, total: int) -> float:
 def run_accuracy(cfg, device: str, tracker=None, output_dir: Path | None = None) -> dict:
     bench, task = cfg.bench, get_task(cfg.task.name)
     backend = get_backend(cfg.attention.name)
-    if device not in backend.capabilities.backward_devices:
-        raise Unsupported(f"{backend.name} has no backward on {device}, and training needs one "
+    if not backend.trains_on(device, **attention_options(cfg)):
+        raise Unsupported(f"{backend.name} has no backward on {device}{option_words(cfg)}, and training needs one "
                           f"(it trains on: {', '.join(backend.capabilities.backward_devices)})")
     if task.data is None:
         trainable = [name for name in task_names() if get_task(name).data is not None]

@@ -29,7 +29,8 @@ import torch
 
 from bench import measure
 from bench.benches import Bench, register_bench
-from bench.cell import PredictedOOM, Scope, build_subject, cell_shape, predicted_bytes
+from bench.cell import (PredictedOOM, Scope, attention_options, build_subject, cell_shape, option_words,
+                        predicted_bytes)
 from efficient.attention import Bound, Unsupported, get_backend
 
 
@@ -92,8 +93,9 @@ def measured_fit(cfg, device: str, budget: float) -> tuple[bool, float | None]:
 def run_maxlen(cfg, device: str, **context) -> dict:
     bench = cfg.bench
     backend = get_backend(cfg.attention.name)
-    if bench.backward and device not in backend.capabilities.backward_devices:
-        raise Unsupported(f"{backend.name} has no backward on {device}: search the forward with bench.backward=false")
+    if bench.backward and not backend.trains_on(device, **attention_options(cfg)):
+        raise Unsupported(f"{backend.name} has no backward on {device}{option_words(cfg)}: "
+                          f"search the forward with bench.backward=false")
     method = bench.method.value if bench.method.value != "auto" else ("measure" if device == "cuda" else "predict")
     budget = measure.memory_budget_bytes(device, bench.memory_budget_gib)
     tried: list[dict] = []

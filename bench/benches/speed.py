@@ -18,7 +18,8 @@ import torch
 
 from bench import measure
 from bench.benches import Bench, register_bench
-from bench.cell import PredictedOOM, Scope, Subject, build_subject, cell_shape, layer_flops, predicted_bytes
+from bench.cell import (PredictedOOM, Scope, Subject, attention_options, build_subject, cell_shape, layer_flops,
+                        option_words, predicted_bytes)
 from bench.measure import MIB
 from bench.output_check import WrongOutput, check_exact, nonfinite
 from efficient.attention import Attention, Bound, get_backend
@@ -108,8 +109,8 @@ def run_speed(cfg, device: str, **context) -> dict:
         fwd_peak_mem_mib=peak / MIB, peak_mem_mib=peak / MIB, attention_ops=ops,
     )
     backend = get_backend(cfg.attention.name)
-    if training and device not in backend.capabilities.backward_devices:
-        result["note"] = f"forward only: {backend.name} has no backward on {device}"
+    if training and not backend.trains_on(device, **attention_options(cfg)):
+        result["note"] = f"forward only: {backend.name} has no backward on {device}" + option_words(cfg)
         training = False
     if training:
         t = measure.time_ms(fwd_bwd, device, warmup, repeats)

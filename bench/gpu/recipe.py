@@ -154,6 +154,16 @@ def main_job(p: Profile, out: Path) -> list[list[str]]:
                   *p.extra["speed"])]
 
 
+def field(p: Profile, out: Path) -> list[list[str]]:
+    """LRA's Table 2 on the GPU (every family LRA timed), and the sparse masks through
+    FlexAttention against their blockwise path, one layer at 4K and 16K."""
+    table2 = ("experiment=lra_speed_gpu", f"seq_len={p.lengths(1024, 2048, 3072, 4096)}",
+              *p.extra.get("experiment", ()), *p.extra.get("speed", ()))
+    return [sweep(out, *table2),
+            sweep(out, "attention=local,sliding_window,longformer,bigbird", "attention.kernel=flex,blockwise",
+                  *speed_cells(p), f"seq_len={p.lengths(4096, 16384)}", "causal=false,true")]
+
+
 def lra(p: Profile, out: Path) -> list[list[str]]:
     return [sweep(out, "bench=accuracy", "experiment=lra_listops", "attention=full,linformer_lra", *p.extra["lra"])]
 
@@ -169,6 +179,7 @@ STEPS = (
     Step("linformer", 400, 60, linformer, "Linformer's Table 3 to 64K (k = 128, 256) against full and sdpa"),
     Step("xl_eval", 200, 60, xl_eval, "Transformer-XL's evaluation speed at attention lengths 800 and 3,800"),
     Step("main", 300, 60, main_job, "the GPU main job (python run.py)"),
+    Step("field", 300, 60, field, "LRA's Table 2 (batch 32, bf16) and the sparse masks: flex against blockwise"),
     Step("lra", 3600, 300, lra, "LRA ListOps at full length, bf16 autocast: full and linformer_lra"),
 )
 FIRST_PASS = ("tests", "harness", "kernels", "maxlen", "decode")

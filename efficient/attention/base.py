@@ -213,8 +213,13 @@ class Attention(nn.Module):
         if reason:
             raise Unavailable(reason)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if needs_grad and cell.device not in self.capabilities.backward_devices:
+        if needs_grad and not self.trains_on(cell.device, **self.options()):
             raise Unsupported(f"{self.name} has no backward on {cell.device}; run it under torch.no_grad()")
+
+    @classmethod
+    def trains_on(cls, device: str, **options: Any) -> bool:
+        """Whether gradients can be computed on ``device`` (with these options)."""
+        return device in cls.capabilities.backward_devices
 
     def options(self) -> dict[str, Any]:
         """This instance's options (the keyword-only constructor arguments)."""

@@ -31,9 +31,9 @@ from typing import Optional
 
 import torch
 
-from efficient.attention.base import Bound, register
+from efficient.attention.base import Bound, as_value, register
 from efficient.attention.sliding_window import window_blocks, window_offsets
-from efficient.attention.sparse import SparseAttention
+from efficient.attention.sparse import SparseAttention, SparseKernel
 
 
 @register
@@ -42,8 +42,9 @@ class BigBirdAttention(SparseAttention):
     option_bounds = {"block": Bound(1), "random_blocks": Bound(0)}
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, *,
-                 block: int = 64, random_blocks: int = 3, seed: int = 0):
+                 block: int = 64, random_blocks: int = 3, seed: int = 0, kernel: SparseKernel = SparseKernel.auto):
         super().__init__(d_model, n_heads, dropout, n_kv_heads)
+        self.kernel = as_value(kernel)
         self.block, self.random_blocks, self.seed = block, random_blocks, seed
         self.layouts: dict[int, torch.Tensor] = {}  # n_blocks -> [n_blocks, 5 + random_blocks]
 
@@ -79,14 +80,24 @@ class BigBirdAttention(SparseAttention):
     def key_blocks(self, n_blocks: int, device) -> torch.Tensor:
         return self.layout(n_blocks).to(device)
 
+    def block_visibility(self, n_blocks: int, device) -> torch.Tensor:
+        """[n_blocks, n_blocks] bool: which key blocks each query block sees (kept per length)."""
+        key = (n_blocks, str(device))
+        if key not in self.__dict__.setdefault("_visibility", {}):
+            layout = self.layout(n_blocks).to(device)
+            seen = torch.zeros(n_blocks, n_blocks + 1, dtype=torch.bool, device=device)
+            seen.scatter_(1, layout.where(layout >= 0, n_blocks), True)  # column n_blocks takes the -1s
+            seen = seen[:, :n_blocks].clone()
+            seen[[0, -1]] = True  # the global query blocks see every key
+            self._visibility[key] = seen
+        return self._visibility[key]
+
+    def mask_function(self, length: int, device):
+        seen, block = self.block_visibility(math.ceil(length / self.block), device), self.block
+        return lambda query_positions, key_positions: seen[query_positions // block, key_positions // block]
+
     def visible(self, query_positions, key_positions, length):
-        n_blocks = math.ceil(length / self.block)
-        layout = self.layout(n_blocks).to(query_positions.device)
-        block_mask = torch.zeros(n_blocks, n_blocks + 1, dtype=torch.bool, device=query_positions.device)
-        block_mask.scatter_(1, layout.where(layout >= 0, n_blocks), True)  # column n_blocks takes the -1s
-        block_mask = block_mask[:, :n_blocks]
-        block_mask[[0, -1]] = True  # the global query blocks see every key
-        return block_mask[query_positions // self.block, key_positions // self.block]
+        return self.mask_function(length, query_positions.device)(query_positions, key_positions)
 
     def global_queries(self, length: int) -> list[int]:
         n_blocks = math.ceil(length / self.block)

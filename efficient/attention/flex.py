@@ -82,26 +82,31 @@ def compiled_flex_attention():
     return _compiled
 
 
+def padding_key(key_padding_mask) -> tuple | None:
+    """A key padding mask as a cache key, by content: a new batch with the same padding reuses
+    the block mask built for it (b * m bytes read, a sync on GPU)."""
+    if key_padding_mask is None:
+        return None
+    content = key_padding_mask.to(torch.bool).cpu().numpy().tobytes()
+    return hashlib.sha1(content).hexdigest(), tuple(key_padding_mask.shape)
+
+
 def block_mask_for(b, n, m, key_padding_mask, causal, window, device):
     """The cached BlockMask of this mask and shape, or None when every key is visible."""
     if not (causal or window or key_padding_mask is not None):
         return None
-    padding_key = None
-    if key_padding_mask is not None:  # keyed by content: a new batch with the same padding reuses it
-        content = key_padding_mask.to(torch.bool).cpu().numpy().tobytes()  # b*m bytes (a sync on GPU)
-        padding_key = (hashlib.sha1(content).hexdigest(), tuple(key_padding_mask.shape))
-    key = (b, n, m, causal, window, padding_key, str(device))
+    key = (b, n, m, causal, window, padding_key(key_padding_mask), str(device))
     if key not in _block_masks:
         offset = m - n  # bottom-right alignment: query i stands at key position i + m - n
 
         def mask_mod(batch, head, q_idx, kv_idx):
-            visible = kv_idx >= 0
+            visible = kv_idx < m  # the grid is padded to whole tiles: no lookup past the end
             if causal:
                 visible = visible & (kv_idx <= q_idx + offset)
             if window:
                 visible = visible & ((q_idx + offset - kv_idx).abs() < window)
             if key_padding_mask is not None:
-                visible = visible & key_padding_mask[batch, kv_idx]
+                visible = visible & key_padding_mask[batch, kv_idx.clamp(max=m - 1)]
             return visible
 
         batch = b if key_padding_mask is not None else None

@@ -22,8 +22,8 @@ from typing import Optional
 
 import torch
 
-from efficient.attention.base import Bound, register
-from efficient.attention.sparse import SparseAttention
+from efficient.attention.base import Bound, as_value, register
+from efficient.attention.sparse import SparseAttention, SparseKernel
 
 
 @register
@@ -32,8 +32,9 @@ class LocalAttention(SparseAttention):
     option_bounds = {"block": Bound(1)}
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, *,
-                 block: int = 50):
+                 block: int = 50, kernel: SparseKernel = SparseKernel.auto):
         super().__init__(d_model, n_heads, dropout, n_kv_heads)
+        self.kernel = as_value(kernel)
         self.block = block
 
     def key_blocks(self, n_blocks: int, device) -> torch.Tensor:

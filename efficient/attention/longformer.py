@@ -22,9 +22,9 @@ from typing import Optional
 
 import torch
 
-from efficient.attention.base import Bound, register
+from efficient.attention.base import Bound, as_value, register
 from efficient.attention.sliding_window import window_blocks, window_offsets
-from efficient.attention.sparse import SparseAttention
+from efficient.attention.sparse import SparseAttention, SparseKernel
 
 
 @register
@@ -33,8 +33,9 @@ class LongformerAttention(SparseAttention):
     option_bounds = {"window": Bound(2), "global_tokens": Bound(0), "block": Bound(1)}
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, *,
-                 window: int = 512, global_tokens: int = 1, block: int = 64):
+                 window: int = 512, global_tokens: int = 1, block: int = 64, kernel: SparseKernel = SparseKernel.auto):
         super().__init__(d_model, n_heads, dropout, n_kv_heads)
+        self.kernel = as_value(kernel)
         if window % 2:
             raise ValueError(f"longformer's window is the whole span of a query, split evenly on both sides: "
                              f"it must be even, got {window}")

@@ -17,8 +17,8 @@ from typing import Optional
 
 import torch
 
-from efficient.attention.base import Bound, register
-from efficient.attention.sparse import SparseAttention
+from efficient.attention.base import Bound, as_value, register
+from efficient.attention.sparse import SparseAttention, SparseKernel
 
 
 def window_offsets(n_blocks: int, reach: int) -> list[int]:
@@ -41,8 +41,9 @@ class SlidingWindowAttention(SparseAttention):
     option_bounds = {"window": Bound(1), "block": Bound(1)}
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, *,
-                 window: int = 512, block: int = 64):
+                 window: int = 512, block: int = 64, kernel: SparseKernel = SparseKernel.auto):
         super().__init__(d_model, n_heads, dropout, n_kv_heads)
+        self.kernel = as_value(kernel)
         self.window, self.block = window, block
 
     def key_blocks(self, n_blocks: int, device) -> torch.Tensor:

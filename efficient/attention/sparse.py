@@ -16,25 +16,58 @@ blocks), the harness's float64 reference.
 
 Self-attention only (queries and keys share positions); with a KV cache (decoding) the new
 queries stand at the last positions of the cache, and only their blocks are computed.
+
+``kernel``: ``blockwise`` is the computation above, on any device; ``flex`` runs the same mask
+through FlexAttention (compiled; ``mask_function`` as its ``mask_mod``), whose block mask skips the
+tiles no query of a tile sees. Its tiles are 64 x 64 unless the backend's block is a multiple of
+128: 128-tiles would cover a 64-block pattern (BigBird's) two blocks at a time and compute up to
+4x the tiles it needs. ``auto`` (the default) takes ``flex`` on CUDA, ``blockwise`` elsewhere
+(FlexAttention has no backward on CPU), and ``blockwise`` when attention dropout is on
+(FlexAttention has none) or for a decode step.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 
 import torch
 from einops import einsum, rearrange
 
-from efficient.attention.base import Capabilities, ProjectedAttention, Shape
+from efficient.attention import flex
+from efficient.attention.base import Capabilities, Cell, ProjectedAttention, Shape, Unsupported, as_value
 from efficient.attention.functional import repeat_kv
 
 
+class SparseKernel(enum.Enum):
+    auto = "auto"  # flex on CUDA (without attention dropout), blockwise elsewhere
+    blockwise = "blockwise"  # sparse.blockwise_attention, any device
+    flex = "flex"  # FlexAttention with the backend's block mask
+
+
+def resolved_kernel(kernel, device: str) -> str:
+    kernel = as_value(kernel)
+    return ("flex" if device == "cuda" else "blockwise") if kernel == "auto" else kernel
+
+
 class SparseAttention(ProjectedAttention):
-    """Base of the mask-sparse backends: subclasses set ``block`` and define the mask."""
+    """Base of the mask-sparse backends: subclasses set ``block`` and ``kernel`` (their option
+    ``kernel: SparseKernel = SparseKernel.auto``) and define the mask."""
 
     capabilities = Capabilities(cross_attention=False, sparse_mask=True)
     block: int
+    kernel: str = "auto"
     unmasked_reference = False  # True: reference_attend is full attention (the error a user accepts)
+
+    @classmethod
+    def unavailable_reason(cls, cell: Cell, kernel: SparseKernel | str = SparseKernel.auto, **options):
+        if resolved_kernel(kernel, cell.device) == "flex" and cell.device == "cpu":
+            return flex.cpu_isa_problem(cell.head_dim)
+        return None
+
+    @classmethod
+    def trains_on(cls, device: str, kernel: SparseKernel | str = SparseKernel.auto, **options) -> bool:
+        return resolved_kernel(kernel, device) == "blockwise" or device == "cuda"  # flex: no backward on CPU
 
     # -- the mask ------------------------------------------------------------------------------
     def key_blocks(self, n_blocks: int, device) -> torch.Tensor:  # pragma: no cover - abstract
@@ -50,6 +83,11 @@ class SparseAttention(ProjectedAttention):
         """Positions whose queries see every key (computed as dense rows)."""
         return []
 
+    def mask_function(self, length: int, device):
+        """``visible`` as a function of (query positions, key positions) alone, every tensor it
+        reads made beforehand: FlexAttention's ``mask_mod`` (compiled) calls it."""
+        return lambda query_positions, key_positions: self.visible(query_positions, key_positions, length)
+
     def band_offsets(self, n_blocks: int) -> list[int]:
         """The first columns of ``key_blocks``: column j is block r + offsets[j] of row r (or -1),
         which the blockwise computation reads as slices instead of gathered copies."""
@@ -59,6 +97,8 @@ class SparseAttention(ProjectedAttention):
     def attend(self, q, k, v, key_padding_mask, causal):
         # q [b, h, n, d], k and v [b, hk, m, d] with m >= n: query i stands at position i + m - n.
         n, m = q.shape[-2], k.shape[-2]
+        if self.uses_flex(q, n, m):
+            return flex_sparse_attention(self, q, k, v, key_padding_mask, causal)
         out = blockwise_attention(self, q, k, v, key_padding_mask, causal, self.dropout_p)
         globals_here = [p for p in self.global_queries(m) if p >= m - n]
         if globals_here:  # their rows see every key: computed densely, few of them
@@ -66,6 +106,18 @@ class SparseAttention(ProjectedAttention):
             dense = masked_attention(self, q[..., rows - (m - n), :], k, v, rows, key_padding_mask, causal, self.dropout_p)
             out = out.index_copy(-2, rows - (m - n), dense.to(out.dtype))
         return out
+
+    def uses_flex(self, q, n: int, m: int) -> bool:
+        if as_value(self.kernel) == "blockwise" or (as_value(self.kernel) == "auto" and q.device.type != "cuda"):
+            return False
+        explicit = as_value(self.kernel) == "flex"
+        if self.dropout_p > 0 or n != m:
+            if explicit:
+                raise Unsupported(f"{self.name} kernel=flex runs self-attention without attention dropout only "
+                                  f"(FlexAttention has no dropout; a decode step runs blockwise): use kernel=auto "
+                                  f"or blockwise, or model.dropout=0")
+            return False
+        return True
 
     def reference_attend(self, q, k, v, key_padding_mask, causal):
         """Softmax attention under the whole [n, m] mask, 256 query rows at a time (with
@@ -100,14 +152,49 @@ class SparseAttention(ProjectedAttention):
 
     @classmethod
     def memory_bytes(cls, shape: Shape, training: bool, **options) -> float:
-        """Scores and probabilities [n, K block] in float32 (as ``materialised_memory_bytes``),
-        the gathered (non-band) keys and values [n / block, other block, d], the global rows, the
-        output."""
+        """blockwise: scores [n, K block] in float32, the probabilities written over them; a
+        training step's backward recomputes them beside their gradient (three such tensors at
+        most; with attention dropout autograd keeps about two more); the gathered (non-band) keys
+        and values [n / block, other block, d]; the global rows; the output. flex: a fused kernel (linear in length) and
+        its block mask, int32 tile indices [n / 64, m / 64] (its dense boolean mask, built once
+        per shape, is not part of a step)."""
+        if resolved_kernel(options.get("kernel", "auto"), shape.device) == "flex":
+            tiles = math.ceil(shape.q_len / 64) * math.ceil(shape.k_len / 64)
+            return super().memory_bytes(shape, training) + shape.batch * tiles * 4 * 4
         block, band, other, global_rows = cls.pattern(shape.k_len, **options)
         rows = math.ceil(shape.q_len / block) * block
         scores = shape.batch * shape.n_heads * (rows * (band + other) * block + global_rows * shape.k_len) * 4
         gathered = 2 * shape.batch * shape.kv_heads * rows * other * shape.head_dim * max(shape.bytes_per_element, 4)
-        return scores * (5 if training else 3) + gathered * (2 if training else 1) + super().memory_bytes(shape, training)
+        return scores * (3 if training else 2) + gathered * (2 if training else 1) + super().memory_bytes(shape, training)
+
+
+def flex_sparse_attention(attention: SparseAttention, q, k, v, key_padding_mask, causal):
+    """The backend's mask through FlexAttention: q [b, h, n, d], k, v [b, hk, n, d] -> [b, h, n, d].
+    Its block mask is built once per (length, causal, padding) and kept on the layer."""
+    n = q.shape[-2]
+    key = (n, causal, flex.padding_key(key_padding_mask), str(q.device))
+    masks = attention.__dict__.setdefault("_flex_block_masks", {})
+    if key not in masks:
+        seen = attention.mask_function(n, q.device)
+        real = key_padding_mask.to(torch.bool) if key_padding_mask is not None else None
+
+        def mask_mod(batch, head, q_idx, kv_idx):
+            # create_block_mask pads the grid to whole tiles: indices past n are clamped for the
+            # lookups, and masked out
+            query, key_index = q_idx.clamp(max=n - 1), kv_idx.clamp(max=n - 1)
+            visible = seen(query, key_index) & (kv_idx < n) & (q_idx < n)
+            if causal:
+                visible = visible & (kv_idx <= q_idx)
+            if real is not None:
+                visible = visible & real[batch, key_index]
+            return visible
+
+        tile = 128 if attention.block % 128 == 0 else 64
+        if len(masks) > 16:
+            masks.clear()
+        masks[key] = flex.create_block_mask(mask_mod, q.shape[0] if key_padding_mask is not None else None, None,
+                                            n, n, device=q.device, BLOCK_SIZE=tile)
+    return flex.compiled_flex_attention()(q, k, v, block_mask=masks[key], enable_gqa=k.shape[1] != q.shape[1])
 
 
 def masked_attention(attention: SparseAttention, q, k, v, positions, key_padding_mask, causal, dropout_p):
@@ -145,7 +232,10 @@ def blockwise_attention(attention: SparseAttention, q, k, v, key_padding_mask, c
     scores [b, h, blocks, block, K block]. q [b, h, n, d], k, v [b, hk, m, d] -> [b, h, n, d].
 
     The band columns (``band_offsets``: block r + offset) are slices of the key blocks, views
-    that cost no memory; only the other columns (global, random) are gathered copies."""
+    that cost no memory; only the other columns (global, random) are gathered copies. Without
+    dropout the backward recomputes the probabilities from the saved log-sum-exp
+    (``SparseSoftmaxAttention``), so a training step holds about two score-sized tensors, not the
+    five or six that autograd keeps; with dropout, autograd runs (and keeps its mask)."""
     n, m, size = q.shape[-2], k.shape[-2], attention.block
     n_blocks = math.ceil(m / size)
     first = (m - n) // size  # the first block that holds a query
@@ -154,26 +244,12 @@ def blockwise_attention(attention: SparseAttention, q, k, v, key_padding_mask, c
     k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad_end)) for t in (k, v))
     layout = attention.key_blocks(n_blocks, q.device)[first:]  # [c, K]
     c, offsets = layout.shape[0], attention.band_offsets(n_blocks)
-    present = layout >= 0
-
-    compute = torch.promote_types(q.dtype, torch.float32)
-    q = rearrange(q, "b (hk g) (c t) d -> b hk g c t d", hk=k.shape[1], t=size).to(compute) * q.shape[-1] ** -0.5
-    k, v = (rearrange(t, "b hk (c t) d -> b hk c t d", t=size) for t in (k, v))  # [b, hk, blocks, t, d]
-    reach = max((abs(o) for o in offsets), default=0)
-    banded_k, banded_v = (torch.nn.functional.pad(t, (0, 0, 0, 0, reach, reach)) for t in (k, v))
-    columns_k = [banded_k[:, :, first + o + reach : first + o + reach + c] for o in offsets]  # views [b, hk, c, t, d]
-    columns_v = [banded_v[:, :, first + o + reach : first + o + reach + c] for o in offsets]
-    gathered = layout[:, len(offsets):].clamp(min=0)  # [c, E]
-    if gathered.shape[1]:
-        columns_k.append(rearrange(k[:, :, gathered], "b hk c e t d -> b hk c (e t) d"))
-        columns_v.append(rearrange(v[:, :, gathered], "b hk c e t d -> b hk c (e t) d"))
-    scores = torch.cat([einsum(q, key.to(compute), "b hk g c t d, b hk c s d -> b hk g c t s") for key in columns_k],
-                       dim=-1)  # [b, hk, g, c, t, K t]
+    grid = KeyColumns(first, c, offsets, layout[:, len(offsets):].clamp(min=0))
 
     offsets_in_block = torch.arange(size, device=q.device)
     query_positions = (first + torch.arange(c, device=q.device))[:, None] * size + offsets_in_block  # [c, t]
     key_positions = rearrange(layout.clamp(min=0)[..., None] * size + offsets_in_block, "c K t -> c (K t)")
-    key_present = rearrange(present[..., None].expand(-1, -1, size), "c K t -> c (K t)") & (key_positions < m)
+    key_present = rearrange((layout >= 0)[..., None].expand(-1, -1, size), "c K t -> c (K t)") & (key_positions < m)
     visible = attention.visible(query_positions[..., None], key_positions[:, None, :], m) & key_present[:, None, :]
     if causal:
         visible = visible & (key_positions[:, None, :] <= query_positions[..., None])  # [c, t, K t]
@@ -181,15 +257,114 @@ def blockwise_attention(attention: SparseAttention, q, k, v, key_padding_mask, c
     if key_padding_mask is not None:
         real = torch.nn.functional.pad(key_padding_mask.to(torch.bool), (0, pad_end))[:, key_positions]  # [b, c, K t]
         visible = visible & real[:, None, None, :, None, :]
-    probs = scores.masked_fill(~visible, torch.finfo(compute).min).softmax(dim=-1)
+
+    dtype, compute = q.dtype, torch.promote_types(q.dtype, torch.float32)
+    q = rearrange(q, "b (hk g) (c t) d -> b hk g c t d", hk=k.shape[1], t=size).to(compute) * q.shape[-1] ** -0.5
+    k, v = (rearrange(t, "b hk (c t) d -> b hk c t d", t=size).to(compute) for t in (k, v))  # [b, hk, blocks, t, d]
     if dropout_p > 0:
-        probs = torch.nn.functional.dropout(probs, dropout_p)
-    probs = probs.to(v.dtype)
-    widths = [value.shape[-2] for value in columns_v]
-    out = sum(einsum(p, value, "b hk g c t s, b hk c s d -> b hk g c t d")
-              for p, value in zip(probs.split(widths, dim=-1), columns_v))
-    out = out * visible.any(dim=-1, keepdim=True)  # a query that sees no key outputs 0
-    out = rearrange(out, "b hk g c t d -> b (hk g) (c t) d")
+        out = autograd_sparse_attention(q, k, v, visible, grid, dropout_p)
+    else:
+        out = SparseSoftmaxAttention.apply(q, k, v, visible, grid)
+    out = rearrange(out.to(dtype), "b hk g c t d -> b (hk g) (c t) d")
     start = m - n - first * size
     return out[..., start : start + n, :]
 
+
+class KeyColumns:
+    """The key blocks of each query block, as columns: the band ones (block r + offset, slices of
+    the keys) and the gathered ones (``gathered`` [c, E] block indices), for the ``c`` query
+    blocks from block ``first``."""
+
+    def __init__(self, first: int, c: int, offsets: list[int], gathered: torch.Tensor):
+        self.first, self.c, self.offsets, self.gathered = first, c, offsets, gathered
+        self.reach = max((abs(o) for o in offsets), default=0)
+
+    def of(self, blocks: torch.Tensor) -> list[torch.Tensor]:
+        """blocks [b, hk, n_blocks, t, d] -> the columns, each [b, hk, c, width, d]."""
+        banded = torch.nn.functional.pad(blocks, (0, 0, 0, 0, self.reach, self.reach))
+        start = self.first + self.reach
+        columns = [banded[:, :, start + o : start + o + self.c] for o in self.offsets]  # views
+        if self.gathered.shape[1]:
+            columns.append(rearrange(blocks[:, :, self.gathered], "b hk c e t d -> b hk c (e t) d"))
+        return columns
+
+    def add_into(self, grad_blocks: torch.Tensor, column_grads: list[torch.Tensor]) -> torch.Tensor:
+        """Sum the columns' gradients [b, hk, c, width, d] back onto the blocks they were read
+        from: grad_blocks [b, hk, n_blocks, t, d], returned."""
+        t = grad_blocks.shape[-2]
+        for o, grad in zip(self.offsets, column_grads):
+            lo = self.first + o  # query block r read key block r + o; out-of-range ones were padding
+            r0, r1 = max(0, -lo), min(self.c, grad_blocks.shape[2] - lo)
+            if r1 > r0:
+                grad_blocks[:, :, lo + r0 : lo + r1] += grad[:, :, r0:r1]
+        if self.gathered.shape[1]:
+            grad = rearrange(column_grads[-1], "b hk c (e t) d -> b hk (c e) t d", t=t)
+            grad_blocks.index_add_(2, self.gathered.flatten(), grad)
+        return grad_blocks
+
+
+def column_scores(q, columns: list[torch.Tensor], visible) -> torch.Tensor:
+    """q [b, hk, g, c, t, d] (scaled) against each column [b, hk, c, s, d] -> scores
+    [b, hk, g, c, t, K t], masked keys at the dtype's minimum. Outside autograd one column's
+    piece at a time, written in place."""
+    pieces = (einsum(q, column, "b hk g c t d, b hk c s d -> b hk g c t s") for column in columns)
+    lowest = torch.finfo(q.dtype).min
+    if torch.is_grad_enabled() and (q.requires_grad or any(column.requires_grad for column in columns)):
+        return torch.cat(list(pieces), dim=-1).masked_fill(~visible, lowest)
+    widths = [column.shape[-2] for column in columns]
+    scores = q.new_empty(*q.shape[:-1], sum(widths))
+    for piece, slot in zip(pieces, scores.split(widths, dim=-1)):
+        slot.copy_(piece)
+    return scores.masked_fill_(~visible, lowest)
+
+
+def column_outputs(probs, columns: list[torch.Tensor]) -> torch.Tensor:
+    """probs [b, hk, g, c, t, K t] times each value column [b, hk, c, s, d] -> [b, hk, g, c, t, d]."""
+    widths = [column.shape[-2] for column in columns]
+    return sum(einsum(p, value, "b hk g c t s, b hk c s d -> b hk g c t d")
+               for p, value in zip(probs.split(widths, dim=-1), columns))
+
+
+def autograd_sparse_attention(q, k, v, visible, grid: KeyColumns, dropout_p: float):
+    """The same attention through autograd (which keeps the probabilities and the dropout mask)."""
+    probs = column_scores(q, grid.of(k), visible).softmax(dim=-1)
+    probs = torch.nn.functional.dropout(probs, dropout_p)
+    return column_outputs(probs, grid.of(v)) * visible.any(dim=-1, keepdim=True)  # a query that sees no key: 0
+
+
+class SparseSoftmaxAttention(torch.autograd.Function):
+    """softmax(q k^T) v over the key columns, its backward FlashAttention-2's (Dao 2023) on the
+    whole sparse grid at once: P = exp(S - lse) recomputed, dV = P^T dO, dS = P * (dO V^T - D)
+    with D = rowsum(dO * O), dQ = dS K, dK = dS^T Q. q [b, hk, g, c, t, d] (scaled), k, v
+    [b, hk, blocks, t, d] -> [b, hk, g, c, t, d]; rows that see no key give 0."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, visible, grid: KeyColumns):
+        probs = column_scores(q, grid.of(k), visible)
+        lse = probs.logsumexp(dim=-1, keepdim=True)
+        seen = visible.any(dim=-1, keepdim=True)
+        probs.sub_(lse).exp_().mul_(seen)
+        out = column_outputs(probs, grid.of(v))
+        ctx.save_for_backward(q, k, v, visible, lse, out)
+        ctx.grid = grid
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, visible, lse, out = ctx.saved_tensors
+        grid = ctx.grid
+        keys, values = grid.of(k), grid.of(v)
+        widths = [column.shape[-2] for column in keys]
+        probs = column_scores(q, keys, visible).sub_(lse).exp_().mul_(visible.any(dim=-1, keepdim=True))
+        grad_v = grid.add_into(torch.zeros_like(v), [
+            einsum(p, grad_out, "b hk g c t s, b hk g c t d -> b hk c s d") for p in probs.split(widths, dim=-1)])
+        grad_scores = torch.empty_like(probs)  # dP = dO V^T, then dS = P * (dP - D) in place
+        for value, piece in zip(values, grad_scores.split(widths, dim=-1)):
+            piece.copy_(einsum(grad_out, value, "b hk g c t d, b hk c s d -> b hk g c t s"))
+        grad_scores.sub_((grad_out * out).sum(dim=-1, keepdim=True)).mul_(probs)
+        del probs
+        pieces = grad_scores.split(widths, dim=-1)
+        grad_q = sum(einsum(ds, key, "b hk g c t s, b hk c s d -> b hk g c t d") for ds, key in zip(pieces, keys))
+        grad_k = grid.add_into(torch.zeros_like(k), [
+            einsum(ds, q, "b hk g c t s, b hk g c t d -> b hk c s d") for ds in pieces])
+        return grad_q, grad_k, grad_v, None, None
