@@ -80,7 +80,7 @@ def expected(name, attention, q, k, v, key_padding_mask, causal):
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_blockwise_attention_and_its_backward_equal_the_written_out_mask(name, causal, padded, kv_heads):
-    """The hand-written backward (probabilities recomputed from the log-sum-exp) against autograd
+    """The hand-written backward (the probabilities recomputed) against autograd
     through the dense reference, grouped heads included."""
     attention = build_attention(name, 64, 4, n_kv_heads=kv_heads, **CASES[name][0]).double()
     q, k, v = (t.requires_grad_() for t in qkv(N, kv_heads=kv_heads))

@@ -233,8 +233,7 @@ def blockwise_attention(attention: SparseAttention, q, k, v, key_padding_mask, c
 
     The band columns (``band_offsets``: block r + offset) are slices of the key blocks, views
     that cost no memory; only the other columns (global, random) are gathered copies. Without
-    dropout the backward recomputes the probabilities from the saved log-sum-exp
-    (``SparseSoftmaxAttention``), so a training step holds about two score-sized tensors, not the
+    dropout the backward recomputes the probabilities (``SparseSoftmaxAttention``), so a training step holds about two score-sized tensors, not the
     five or six that autograd keeps; with dropout, autograd runs (and keeps its mask)."""
     n, m, size = q.shape[-2], k.shape[-2], attention.block
     n_blocks = math.ceil(m / size)
@@ -327,35 +326,35 @@ def column_outputs(probs, columns: list[torch.Tensor]) -> torch.Tensor:
 
 def autograd_sparse_attention(q, k, v, visible, grid: KeyColumns, dropout_p: float):
     """The same attention through autograd (which keeps the probabilities and the dropout mask)."""
-    probs = column_scores(q, grid.of(k), visible).softmax(dim=-1)
-    probs = torch.nn.functional.dropout(probs, dropout_p)
+    probs = torch.nn.functional.dropout(column_scores(q, grid.of(k), visible).softmax(dim=-1), dropout_p)
     return column_outputs(probs, grid.of(v)) * visible.any(dim=-1, keepdim=True)  # a query that sees no key: 0
 
 
+
+
 class SparseSoftmaxAttention(torch.autograd.Function):
-    """softmax(q k^T) v over the key columns, its backward FlashAttention-2's (Dao 2023) on the
-    whole sparse grid at once: P = exp(S - lse) recomputed, dV = P^T dO, dS = P * (dO V^T - D)
-    with D = rowsum(dO * O), dQ = dS K, dK = dS^T Q. q [b, hk, g, c, t, d] (scaled), k, v
-    [b, hk, blocks, t, d] -> [b, hk, g, c, t, d]; rows that see no key give 0."""
+    """softmax(q k^T) v over the key columns; its backward recomputes the probabilities P (the
+    scores are not kept) and then follows FlashAttention-2's (Dao 2023) on the whole sparse grid
+    at once: dV = P^T dO, dS = P * (dO V^T - D) with D = rowsum(dO * O), dQ = dS K, dK = dS^T Q.
+    q [b, hk, g, c, t, d] (scaled), k, v [b, hk, blocks, t, d] -> [b, hk, g, c, t, d]; rows that
+    see no key give 0."""
 
     @staticmethod
     def forward(ctx, q, k, v, visible, grid: KeyColumns):
-        probs = column_scores(q, grid.of(k), visible)
-        lse = probs.logsumexp(dim=-1, keepdim=True)
-        seen = visible.any(dim=-1, keepdim=True)
-        probs.sub_(lse).exp_().mul_(seen)
-        out = column_outputs(probs, grid.of(v))
-        ctx.save_for_backward(q, k, v, visible, lse, out)
+        seen = visible.any(dim=-1, keepdim=True)  # [.., t, 1]: the rows that see a key
+        out = column_outputs(column_scores(q, grid.of(k), visible).softmax(dim=-1), grid.of(v)) * seen
+        ctx.save_for_backward(q, k, v, visible, out)
         ctx.grid = grid
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, visible, lse, out = ctx.saved_tensors
+        q, k, v, visible, out = ctx.saved_tensors
         grid = ctx.grid
         keys, values = grid.of(k), grid.of(v)
         widths = [column.shape[-2] for column in keys]
-        probs = column_scores(q, keys, visible).sub_(lse).exp_().mul_(visible.any(dim=-1, keepdim=True))
+        grad_out = grad_out * visible.any(dim=-1, keepdim=True)  # rows that see no key pass no gradient
+        probs = column_scores(q, keys, visible).softmax(dim=-1)
         grad_v = grid.add_into(torch.zeros_like(v), [
             einsum(p, grad_out, "b hk g c t s, b hk g c t d -> b hk c s d") for p in probs.split(widths, dim=-1)])
         grad_scores = torch.empty_like(probs)  # dP = dO V^T, then dS = P * (dP - D) in place
