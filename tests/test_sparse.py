@@ -267,3 +267,19 @@ def test_lra_table_puts_measured_ratios_beside_lra_s():
                   record("linear", 4096, 100.0, 200.0)])
     assert "| linear | 4096 | 8.0x / 0.20 | 4.0x / 2.00 | 5.6x / 0.11 | 100 / 200 |" in text
     assert "| sdpa | 4096 | 2.0x / 0.10 |  | no row |" in text
+
+
+def test_lra_table_puts_listops_accuracy_beside_lra_s_table_1():
+    from bench.analysis.lra_table import listops_table
+
+    def record(attention, accuracy, **options):
+        return {"attention": attention, "attention_options": options, "bench": "accuracy", "task": "listops",
+                "status": "ok", "metric": "test_accuracy", "value": accuracy, "peak_mem_mib": 200.0,
+                "extra": {"best_val_accuracy": accuracy + 0.01, "best_step": 600, "train_seconds": 600.0}}
+
+    rows = listops_table([record("full", 0.31), record("local", 0.29, block=8, kernel="auto"),
+                          record("nystrom", 0.33, landmarks=64), {"attention": "linear", "status": "failed"}])
+    lines = rows.splitlines()[2:]
+    assert lines == ["| nystrom | 33.0% | 34.0% (600) | 10.0 | 200 | no row |",
+                     "| full | 31.0% | 32.0% (600) | 10.0 | 200 | 36.37% |",
+                     "| local (block=8) | 29.0% | 30.0% (600) | 10.0 | 200 | 15.82% |"]

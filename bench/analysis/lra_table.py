@@ -1,12 +1,16 @@
-"""LRA's Table 2 beside a folder of speed records: each backend's training step relative to
-``full`` (LRA's Transformer) and to ``sdpa`` (which LRA did not have), at LRA's lengths.
+"""LRA's tables beside a folder of records (Tay et al. 2021, Long Range Arena).
 
     python -m bench.analysis.lra_table PATH [--markdown FILE]
 
-Cells: **speed-up / memory** = the baseline's forward+backward time over the backend's (above 1:
-faster) and the backend's peak memory over the baseline's (below 1: smaller). LRA's column is
-the same two ratios from its Table 2 (steps per second and peak GB on a TPU v3 4x4, batch 32,
-the byte-level text task), as published.
+Table 2, from speed records: each backend's training step relative to ``full`` (LRA's
+Transformer) and to ``sdpa`` (which LRA did not have), at LRA's lengths. Cells: **speed-up /
+memory** = the baseline's forward+backward time over the backend's (above 1: faster) and the
+backend's peak memory over the baseline's (below 1: smaller). LRA's column is the same two
+ratios from its Table 2 (steps per second and peak GB on a TPU v3 4x4, batch 32, the byte-level
+text task), as published.
+
+Table 1 (its ListOps column), from accuracy records of ``task=listops``: each backend's test
+accuracy, best validation accuracy and training time, beside LRA's published ListOps accuracy.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ LRA_PEAK_GB = {
     "reformer": (0.48, 0.99, 1.53, 2.28), "sinkhorn": (0.47, 0.83, 1.13, 1.48), "bigbird": (0.77, 1.49, 2.18, 2.88),
     "linear": (0.37, 0.57, 0.80, 1.03), "performer": (0.37, 0.59, 0.82, 1.06),
 }
+
+
+# LRA Table 1 (Tay et al. 2021), ListOps test accuracy (%).
+LRA_LISTOPS = {"full": 36.37, "reformer": 37.27, "bigbird": 36.05, "linformer": 35.70, "longformer": 35.63,
+               "performer": 18.01, "linear": 16.13, "local": 15.82}
 
 
 def measured(records: list[dict]) -> dict[tuple[str, int], tuple[float, float]]:
@@ -70,6 +79,31 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def options_label(record: dict) -> str:
+    """"local (block=8)": the backend and the options its record sets away from the defaults."""
+    from efficient.attention import as_value, get_backend, option_defaults
+
+    defaults = option_defaults(get_backend(record["attention"]))
+    changed = [f"{k}={v}" for k, v in (record.get("attention_options") or {}).items()
+               if k in defaults and as_value(defaults[k]) != v]
+    return f"{record['attention']} ({', '.join(changed)})" if changed else record["attention"]
+
+
+def listops_table(records: list[dict]) -> str:
+    """One row per ok ListOps accuracy record, the most accurate first."""
+    rows = sorted((r for r in records if r.get("status") == "ok" and r.get("task") == "listops"
+                   and r.get("metric") == "test_accuracy"), key=lambda r: -r["value"])
+    lines = ["| backend (options) | test accuracy | best validation (step) | training min | peak MiB | LRA ListOps |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        extra = r.get("extra") or {}
+        published = f"{LRA_LISTOPS[r['attention']]:.2f}%" if r["attention"] in LRA_LISTOPS else "no row"
+        lines.append(f"| {options_label(r)} | {100 * r['value']:.1f}% | {100 * extra.get('best_val_accuracy', 0):.1f}% "
+                     f"({extra.get('best_step', '-')}) | {extra.get('train_seconds', 0) / 60:.1f} | "
+                     f"{r.get('peak_mem_mib') or 0:,.0f} | {published} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.analysis.lra_table", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", type=Path, help="a folder of result.json files (searched recursively)")
@@ -79,7 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print(f"no result.json under {args.path}", file=sys.stderr)
         return 2
-    text = table(records)
+    tables = []
+    if any(r.get("bench") == "accuracy" for r in records):
+        tables.append(listops_table(records))
+    if any(r.get("bench", "speed") == "speed" for r in records):
+        tables.append(table(records))
+    text = "\n\n".join(tables)
     print(text)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
