@@ -69,7 +69,7 @@ def test_the_main_job_is_a_study_config_hydra_can_show(tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=["experiment=main_cpu"], return_hydra_config=True)
     cpu_backends = ["bigbird", "chunked", "flex", "full", "linear", "linformer", "local", "longformer", "nystrom",
-                    "performer", "sdpa", "sliding_window", "xl"]  # all that run on a CPU
+                    "performer", "reformer", "sdpa", "sliding_window", "xl"]  # all that run on a CPU
     runnable_here = [n for n in cpu_backends if get_backend(n).unavailable_reason(Cell("cpu", "float32")) is None]
     assert cfg.hydra.sweeper.params.attention == ",".join(runnable_here)
 

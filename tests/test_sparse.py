@@ -209,6 +209,21 @@ def test_a_decode_step_computes_only_the_newest_block():
     assert (out - exact_attention(q[..., -1:, :], k, v, None, True, window=20)).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("new_tokens", [1, 3])
+def test_decode_steps_read_only_the_keys_they_see_and_equal_the_masked_reference(name, new_tokens):
+    """The newest tokens of a long cache (a partial last block, padding, 2 KV heads for 4 query
+    heads) take the gathered path, never a copy of the cache: equal to softmax under the mask."""
+    options, _ = CASES[name]
+    attention = build_attention(name, 64, 4, n_kv_heads=2, **options).double()
+    q, k, v = qkv(N, kv_heads=2)
+    mask = torch.ones(2, N, dtype=torch.bool)
+    mask[1, 40:55] = False
+    q = q[..., -new_tokens:, :]
+    out = attention.attend(q, k, v, mask, True)
+    assert (out - attention.reference_attend(q, k, v, mask, True)).abs().max() < 1e-12
+
+
 def test_bigbird_blocks_are_window_global_and_distinct_random_ones_fixed_by_the_seed():
     attention = build_attention("bigbird", 64, 4, block=8, random_blocks=3, seed=5)
     layout = attention.layout(20)
@@ -267,6 +282,21 @@ def test_lra_table_puts_measured_ratios_beside_lra_s():
                   record("linear", 4096, 100.0, 200.0)])
     assert "| linear | 4096 | 8.0x / 0.20 | 4.0x / 2.00 | 5.6x / 0.11 | 100 / 200 |" in text
     assert "| sdpa | 4096 | 2.0x / 0.10 |  | no row |" in text
+
+
+def test_lra_table_keeps_two_settings_of_one_backend_apart():
+    """Records that set options away from the defaults get their own row (with LRA's figure for
+    the backend), never a median with the default setting's."""
+    from bench.analysis.lra_table import table
+
+    def record(ms, **options):
+        return {"attention": "reformer", "attention_options": options, "seq_len": 4096, "status": "ok",
+                "fwd_bwd_ms": ms, "peak_mem_mib": 100.0}
+
+    text = table([{"attention": "full", "seq_len": 4096, "status": "ok", "fwd_bwd_ms": 800.0, "peak_mem_mib": 1000.0},
+                  record(400.0, chunk=64, rounds=2), record(200.0, chunk=410, rounds=1, buckets=10)])
+    assert "| reformer | 4096 | 2.0x / 0.10 | - | 0.8x / 0.24 | 400 / 100 |" in text
+    assert "| reformer (chunk=410, rounds=1, buckets=10) | 4096 | 4.0x / 0.10 | - | 0.8x / 0.24 | 200 / 100 |" in text
 
 
 def test_lra_table_puts_listops_accuracy_beside_lra_s_table_1():

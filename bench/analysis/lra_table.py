@@ -42,11 +42,12 @@ LRA_LISTOPS = {"full": 36.37, "reformer": 37.27, "bigbird": 36.05, "linformer": 
 
 
 def measured(records: list[dict]) -> dict[tuple[str, int], tuple[float, float]]:
-    """(backend, n) -> (median forward+backward ms, median peak MiB) of the ok records."""
+    """(backend with its non-default options, n) -> (median forward+backward ms, median peak MiB)
+    of the ok records."""
     cells: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for r in records:
         if r.get("status") == "ok" and r.get("fwd_bwd_ms") and r.get("peak_mem_mib"):
-            cells.setdefault((r["attention"], r["seq_len"]), []).append((r["fwd_bwd_ms"], r["peak_mem_mib"]))
+            cells.setdefault((options_label(r), r["seq_len"]), []).append((r["fwd_bwd_ms"], r["peak_mem_mib"]))
     return {key: (statistics.median(t for t, _ in v), statistics.median(m for _, m in v)) for key, v in cells.items()}
 
 
@@ -57,7 +58,8 @@ def ratio_cell(cells, backend: str, baseline: str, n: int) -> str:
     return f"{base_time / time:.1f}x / {memory / base_memory:.2f}"
 
 
-def lra_cell(backend: str, n: int) -> str:
+def lra_cell(label: str, n: int) -> str:
+    backend = label.split(" (")[0]
     if backend not in LRA_STEPS_PER_S or n not in LENGTHS:
         return "no row"
     i = LENGTHS.index(n)

@@ -234,13 +234,16 @@ def blockwise_attention(attention: SparseAttention, q, k, v, key_padding_mask, c
     The band columns (``band_offsets``: block r + offset) are slices of the key blocks, views
     that cost no memory; only the other columns (global, random) are gathered copies. Without
     dropout the backward recomputes the probabilities (``SparseSoftmaxAttention``), so a training step holds about two score-sized tensors, not the
-    five or six that autograd keeps; with dropout, autograd runs (and keeps its mask)."""
+    five or six that autograd keeps; with dropout, autograd runs (and keeps its mask).
+
+    When the queries fill a few blocks of a long key sequence (a decode step against a KV cache),
+    the keys they see are gathered instead, [b, hk, c, K block, d]: the step reads O(K block)
+    keys, never a copy of the whole cache."""
     n, m, size = q.shape[-2], k.shape[-2], attention.block
     n_blocks = math.ceil(m / size)
     first = (m - n) // size  # the first block that holds a query
     pad_end = n_blocks * size - m
     q = torch.nn.functional.pad(q, (0, 0, m - n - first * size, pad_end))  # positions first * size ..
-    k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad_end)) for t in (k, v))
     layout = attention.key_blocks(n_blocks, q.device)[first:]  # [c, K]
     c, offsets = layout.shape[0], attention.band_offsets(n_blocks)
     grid = KeyColumns(first, c, offsets, layout[:, len(offsets):].clamp(min=0))
@@ -254,9 +257,16 @@ def blockwise_attention(attention: SparseAttention, q, k, v, key_padding_mask, c
         visible = visible & (key_positions[:, None, :] <= query_positions[..., None])  # [c, t, K t]
     visible = visible[None, None, None]  # [1, 1, 1, c, t, K t]
     if key_padding_mask is not None:
-        real = torch.nn.functional.pad(key_padding_mask.to(torch.bool), (0, pad_end))[:, key_positions]  # [b, c, K t]
+        real = key_padding_mask.to(torch.bool)[:, key_positions.clamp(max=m - 1)]  # [b, c, K t]
         visible = visible & real[:, None, None, :, None, :]
 
+    if c * layout.shape[1] < n_blocks:  # a few query blocks of a long cache (decoding): read only their keys
+        keys, values = (t[:, :, key_positions.clamp(max=m - 1)] for t in (k, v))  # [b, hk, c, K t, d]
+        out = softmax_attend(rearrange(q, "b h (c t) d -> b h c t d", t=size), keys, values, visible, dropout_p)
+        start = m - n - first * size
+        return rearrange(out, "b h c t d -> b h (c t) d")[..., start : start + n, :]
+
+    k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad_end)) for t in (k, v))
     dtype, compute = q.dtype, torch.promote_types(q.dtype, torch.float32)
     q = rearrange(q, "b (hk g) (c t) d -> b hk g c t d", hk=k.shape[1], t=size).to(compute) * q.shape[-1] ** -0.5
     k, v = (rearrange(t, "b hk (c t) d -> b hk c t d", t=size).to(compute) for t in (k, v))  # [b, hk, blocks, t, d]
