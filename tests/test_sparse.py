@@ -224,6 +224,21 @@ def test_decode_steps_read_only_the_keys_they_see_and_equal_the_masked_reference
     assert (out - attention.reference_attend(q, k, v, mask, True)).abs().max() < 1e-12
 
 
+def test_a_decode_step_reads_the_keys_it_sees_not_the_whole_cache():
+    """What the decode bench counts as read (its bandwidth figure): the newest query's key blocks;
+    BigBird's newest query stands in its global last block and reads every key."""
+    def keys_read(name, length):
+        options, _ = CASES[name]
+        return get_backend(name).decoding_read_elements(2, 16, length, **options) // (2 * 2 * 16)
+
+    assert keys_read("local", 1000) == 16
+    assert keys_read("sliding_window", 1000) == 7 * 8  # 19 earlier keys reach back 3 blocks of 8
+    assert keys_read("longformer", 1000) == 5 * 8 + 8  # 10 keys each side: 2 blocks; the global block
+    assert keys_read("bigbird", 1000) == 1000
+    assert keys_read("sliding_window", 30) == 30  # never more than the cache
+    assert get_backend("bigbird").decoding_state_elements(2, 16, 1000) == 2 * 2 * 1000 * 16  # the cache is kept
+
+
 def test_bigbird_blocks_are_window_global_and_distinct_random_ones_fixed_by_the_seed():
     attention = build_attention("bigbird", 64, 4, block=8, random_blocks=3, seed=5)
     layout = attention.layout(20)

@@ -59,16 +59,18 @@ def check_decodable(cfg, device: str) -> None:
             raise Unsupported(reason)
 
 
-def cache_bytes(cfg, length: int, element: int) -> int:
-    """What one decode step reads of the layers' states: a KV cache's keys and values, the running
-    sums of attention through a feature map (a fixed size), or XL's memory of ``length`` hidden
-    states per layer (from which it recomputes keys and values)."""
+def cache_bytes(cfg, length: int, element: int, read: bool = False) -> int:
+    """The layers' states after ``length`` tokens: a KV cache's keys and values, the running sums
+    of attention through a feature map (a fixed size), or XL's memory of ``length`` hidden states
+    per layer (from which it recomputes keys and values). ``read``: what one decode step reads of
+    them (a sparse mask's newest query reads only the keys it sees)."""
     b, layers = cfg.batch_size, cfg.model.n_layers
     backend = get_backend(cfg.attention.name)
     if backend.capabilities.stateful:
         return b * layers * length * cfg.model.d_model * element
     head_dim = cfg.model.d_model // cfg.model.n_heads
-    return b * layers * backend.decoding_state_elements(kv_heads(cfg), head_dim, length, **attention_options(cfg)) * element
+    elements = backend.decoding_read_elements if read else backend.decoding_state_elements
+    return b * layers * elements(kv_heads(cfg), head_dim, length, **attention_options(cfg)) * element
 
 
 def predicted_prefill_bytes(cfg, device: str, chunk: int) -> float:
@@ -179,7 +181,7 @@ def run_decode(cfg, device: str, **context) -> dict:
         problem = problem or nonfinite(step_logits, "the last decode step's logits", LOGIT_DIMS)
     element = torch.tensor([], dtype=dtype).element_size()
     weights = sum(p.numel() for name, p in model.named_parameters() if "positions" not in name) * element
-    read = [weights + cache_bytes(cfg, length, element) for length in lengths]  # bytes each step reads
+    read = [weights + cache_bytes(cfg, length, element, read=True) for length in lengths]  # bytes each step reads
     achieved_gbs = measure.summarize([r / (t / 1e3) / 1e9 for r, t in zip(read, times_ms)])["median"]
     peak_gbs, peak_source = measure.peak_bandwidth(device)
     t = measure.summarize(times_ms)

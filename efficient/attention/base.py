@@ -244,6 +244,12 @@ class Attention(nn.Module):
         step reads): a KV cache's keys and values."""
         return 2 * n_kv_heads * length * head_dim
 
+    @classmethod
+    def decoding_read_elements(cls, n_kv_heads: int, head_dim: int, length: int, **options: Any) -> int:
+        """Numbers per sequence that one layer's decode step reads of its state (the newest query's
+        keys and values): by default the whole state."""
+        return cls.decoding_state_elements(n_kv_heads, head_dim, length, **options)
+
     def example_state(self, batch: int, device, dtype):
         """A recurrent state as a long stream would have it in steady state (None: stateless)."""
         return None

@@ -40,6 +40,7 @@ from efficient.attention.sparse import SparseAttention, SparseKernel
 class BigBirdAttention(SparseAttention):
     name = "bigbird"
     option_bounds = {"block": Bound(1), "random_blocks": Bound(0)}
+    global_decoding = True  # the last block is global, and a decode step's query stands in it
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, *,
                  block: int = 64, random_blocks: int = 3, seed: int = 0, kernel: SparseKernel = SparseKernel.auto):

@@ -58,6 +58,7 @@ class SparseAttention(ProjectedAttention):
     block: int
     kernel: str = "auto"
     unmasked_reference = False  # True: reference_attend is full attention (the error a user accepts)
+    global_decoding = False  # True: the newest token is a global query (it sees every key)
 
     @classmethod
     def unavailable_reason(cls, cell: Cell, kernel: SparseKernel | str = SparseKernel.auto, **options):
@@ -137,6 +138,14 @@ class SparseAttention(ProjectedAttention):
         """(block, band columns, other columns, global query rows) of a ``length``-token input:
         key blocks per query block read as slices, and gathered."""
         raise NotImplementedError
+
+    @classmethod
+    def decoding_read_elements(cls, n_kv_heads: int, head_dim: int, length: int, **options) -> int:
+        """A decode step's query reads the keys and values of its K key blocks, not the whole cache
+        (which is kept for the queries to come); a global query (``global_decoding``) reads them all."""
+        block, band, other, _ = cls.pattern(length, **options)
+        seen = length if cls.global_decoding else min(length, (band + other) * block)
+        return 2 * n_kv_heads * seen * head_dim
 
     @classmethod
     def flops(cls, shape: Shape, **options) -> float:
