@@ -172,3 +172,46 @@ def test_causal_alignment_is_bottom_right_for_every_backend(backend_name, q_len,
     """Cross-attention with q_len != k_len: query i sees key j iff j <= i + (k_len - q_len)."""
     exact_only(backend_name)
     compare_with_reference(backend_name, torch.randn(2, q_len, WIDTH), context=torch.randn(2, k_len, WIDTH), causal=True)
+
+
+def outputs_of(backend_name, inputs, **call):
+    """One instance of the backend (default options, 4 heads of 32) on each of ``inputs`` [b, n,
+    WIDTH], in float64 where it runs that here: its outputs, in order."""
+    causal, mask = call.get("causal", False), call.get("key_padding_mask")
+    dtype = cpu_dtype(backend_name, causal=causal, key_padding_mask=mask is not None, head_dim=WIDTH // 4)
+    n = inputs[0].shape[1]
+    options = {"max_len": n, "k": n // 3} if get_backend(backend_name).capabilities.needs_max_len else {}
+    torch.manual_seed(0)
+    attention = build_attention(backend_name, WIDTH, 4, **options).to(dtype).eval()
+    with torch.no_grad():
+        return [attention(x.to(dtype), **call)[0].double() for x in inputs]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_never_changes_the_real_positions_outputs(backend_name, causal):
+    """Whatever the padded positions hold (here: large noise), the real ones' outputs stay; 200
+    tokens, more than one chunk, block or segment of every backend's defaults."""
+    if causal and not get_backend(backend_name).capabilities.causal:
+        pytest.skip(f"{backend_name} is not causal (its reason is tested above)")
+    torch.manual_seed(1)
+    x = torch.randn(2, 200, WIDTH, dtype=torch.float64)
+    mask = torch.ones(2, 200, dtype=torch.bool)
+    mask[1, 150:] = False
+    noisy = x.clone()
+    noisy[1, 150:] = 50 * torch.randn(50, WIDTH, dtype=torch.float64)
+    clean, moved = outputs_of(backend_name, [x, noisy], key_padding_mask=mask, causal=causal)
+    assert (clean - moved)[mask].abs().max() < 1e-5 * max(1.0, clean.abs().max().item())
+
+
+def test_changing_future_tokens_never_changes_past_outputs(backend_name):
+    """Every backend that claims causal attention: outputs before position 120 of 200 ignore
+    what comes after (the approximations and sparse masks included)."""
+    if not get_backend(backend_name).capabilities.causal:
+        pytest.skip(f"{backend_name} is not causal (its reason is tested above)")
+    torch.manual_seed(1)
+    x = torch.randn(2, 200, WIDTH, dtype=torch.float64)
+    changed = x.clone()
+    changed[:, 120:] = 50 * torch.randn(2, 80, WIDTH, dtype=torch.float64)
+    before, after = outputs_of(backend_name, [x, changed], causal=True)
+    assert (before - after)[:, :120].abs().max() < 1e-5 * max(1.0, before.abs().max().item())
+    assert (before - after)[:, 120:].abs().max() > 1e-3  # the change reached the later outputs

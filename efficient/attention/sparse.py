@@ -246,13 +246,12 @@ def blockwise_attention(attention: SparseAttention, q, k, v, key_padding_mask, c
     five or six that autograd keeps; with dropout, autograd runs (and keeps its mask).
 
     When the queries fill a few blocks of a long key sequence (a decode step against a KV cache),
-    the keys they see are gathered instead, [b, hk, c, K block, d]: the step reads O(K block)
-    keys, never a copy of the whole cache."""
+    each query's keys are gathered instead, [b, hk, n, K block, d]: the step reads and scores
+    O(K block) keys per query, never a copy of the whole cache nor its block's other rows."""
     n, m, size = q.shape[-2], k.shape[-2], attention.block
     n_blocks = math.ceil(m / size)
     first = (m - n) // size  # the first block that holds a query
     pad_end = n_blocks * size - m
-    q = torch.nn.functional.pad(q, (0, 0, m - n - first * size, pad_end))  # positions first * size ..
     layout = attention.key_blocks(n_blocks, q.device)[first:]  # [c, K]
     c, offsets = layout.shape[0], attention.band_offsets(n_blocks)
     grid = KeyColumns(first, c, offsets, layout[:, len(offsets):].clamp(min=0))
@@ -270,11 +269,14 @@ def blockwise_attention(attention: SparseAttention, q, k, v, key_padding_mask, c
         visible = visible & real[:, None, None, :, None, :]
 
     if c * layout.shape[1] < n_blocks:  # a few query blocks of a long cache (decoding): read only their keys
-        keys, values = (t[:, :, key_positions.clamp(max=m - 1)] for t in (k, v))  # [b, hk, c, K t, d]
-        out = softmax_attend(rearrange(q, "b h (c t) d -> b h c t d", t=size), keys, values, visible, dropout_p)
-        start = m - n - first * size
-        return rearrange(out, "b h c t d -> b h (c t) d")[..., start : start + n, :]
+        rows = torch.arange(m - n, m, device=q.device)  # the queries' positions
+        block, offset = rows // size - first, rows % size
+        at = key_positions[block].clamp(max=m - 1)  # [n, K t]
+        keys, values = (t[:, :, at] for t in (k, v))  # [b, hk, n, K t, d]
+        seen = visible[..., block, offset, :][..., None, :]  # [1 or b, 1, 1, n, 1, K t]
+        return softmax_attend(q[..., None, :], keys, values, seen, dropout_p)[..., 0, :]
 
+    q = torch.nn.functional.pad(q, (0, 0, m - n - first * size, pad_end))  # positions first * size ..
     k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad_end)) for t in (k, v))
     dtype, compute = q.dtype, torch.promote_types(q.dtype, torch.float32)
     q = rearrange(q, "b (hk g) (c t) d -> b hk g c t d", hk=k.shape[1], t=size).to(compute) * q.shape[-1] ** -0.5
