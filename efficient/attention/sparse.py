@@ -245,10 +245,9 @@ def blockwise_attention(attention: SparseAttention, q, k, v, key_padding_mask, c
     dropout the backward recomputes the probabilities (``SparseSoftmaxAttention``), so a training step holds about two score-sized tensors, not the
     five or six that autograd keeps; with dropout, autograd runs (and keeps its mask).
 
-    When the queries together see fewer keys than the cache holds (n K block < m: a decode step
-    against a KV cache), each query's keys are gathered instead, [b, hk, n, K block, d]: the step
-    reads and scores O(K block) keys per query, never a copy of the whole cache nor its block's
-    other rows."""
+    Fewer queries than a block (a decode step against a KV cache) gather each query's keys
+    instead, [b, hk, n, K block, d]: the step reads and scores O(K block) keys per query, never a
+    copy of the whole cache nor the 64 rows of a padded query block."""
     n, m, size = q.shape[-2], k.shape[-2], attention.block
     n_blocks = math.ceil(m / size)
     first = (m - n) // size  # the first block that holds a query
@@ -269,7 +268,7 @@ def blockwise_attention(attention: SparseAttention, q, k, v, key_padding_mask, c
         real = key_padding_mask.to(torch.bool)[:, key_positions.clamp(max=m - 1)]  # [b, c, K t]
         visible = visible & real[:, None, None, :, None, :]
 
-    if n * layout.shape[1] * size < m:  # a few queries of a long cache (decoding): each reads only its keys
+    if n < size:  # fewer queries than a block (a decode step): each gathers and scores only its own keys
         rows = torch.arange(m - n, m, device=q.device)  # the queries' positions
         block, offset = rows // size - first, rows % size
         at = key_positions[block].clamp(max=m - 1)  # [n, K t]
