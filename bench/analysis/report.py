@@ -112,7 +112,8 @@ def decode_table(rows: list[dict[str, Any]], varying: tuple[str, ...]) -> list[s
         return []
     peaks = sorted({f"{r['extra']['peak_source']}: {r['extra']['peak_gbs']:,.1f} GB/s" for r in found})
     out = ["**Decoding: one token against a KV cache of n tokens (bench=decode)**", "",
-           f"Bandwidth peak: {'; '.join(peaks)}. A step reads every weight and the whole cache once.", "",
+           f"Bandwidth peak: {'; '.join(peaks)}. A step reads every weight once and, of its state (`cache MiB`), "
+           "what its query sees: a KV cache whole, a sparse mask's key blocks, a fixed-size state.", "",
            "| backend | n | ms/token | tokens/s | cache MiB | GB/s | of peak | prefill s | prefill peak MiB | decode kernel |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in sorted(found, key=lambda r: (label(r, varying), r["seq_len"])):
