@@ -136,3 +136,16 @@ def test_a_sparse_mask_is_not_exact_and_approximations_show_their_error_against_
     from bench.analysis.pick import format_table
 
     assert "| 2.0e-02 (n=2048) |" in format_table(rec) and "| 6.0e-02 |" in format_table(rec)
+
+
+def test_records_of_two_machines_are_never_mixed():
+    """Times from two CPUs do not compare: pick ranks one machine's records (the most measured,
+    or the one named) and says which; a backend measured only elsewhere is left out, with why."""
+    xeon = [dict(r, device_name="Xeon") for r in quadratic("full") + linear("linear") + linear("local", 2)]
+    epyc = [dict(r, device_name="EPYC") for r in linear("reformer", scale=0.1) + quadratic("full", scale=0.5)]
+    rec = pick(xeon + epyc, 4096, allow_approximate=True)
+    assert rec.settings["device_name"] == "Xeon" and names(rec.ranked) == ["linear", "full", "local"]
+    assert any(e.backend == "reformer" and "not measured on Xeon" in e.reason for e in rec.excluded)
+    rec = pick(xeon + epyc, 4096, allow_approximate=True, device_name="EPYC")
+    assert names(rec.ranked) == ["reformer", "full"]
+    assert rec.ranked[1].time_ms == pytest.approx(0.5 * 16)  # EPYC's full only, not a median with Xeon's

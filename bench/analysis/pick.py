@@ -1,13 +1,14 @@
 """Recommend an attention backend for a length, from measured records.
 
     python -m bench.pick PATH --seq-len N [--memory-budget GiB] [--causal] [--dtype D]
-                         [--device D] [--inference | --decode] [--n-kv-heads K]
+                         [--device D] [--device-name NAME] [--inference | --decode] [--n-kv-heads K]
                          [--min-accuracy TASK=VALUE ...] [--allow-approximate] [--json]
 
 Ranks every backend by the time of a training step (forward+backward; ``--inference``: the
 forward; ``--decode``: one decoded token against a KV cache of N tokens, from ``bench=decode``
 records, within a memory budget that then includes the cache) at N tokens, on one device,
-dtype and causal setting. Where N was measured the
+dtype and causal setting, and from one machine (``device_name``: the most measured unless
+named), since times and peaks from two CPUs or two GPU models do not compare. Where N was measured the
 record is used; otherwise each backend's power law (time and memory ~ n^k, least squares over
 its measured lengths) is extrapolated and the row says so, with the fit's spread. A power law
 fitted on short inputs says little far beyond them: extrapolating more than
@@ -107,7 +108,7 @@ def pick(records: list[dict[str, Any]], seq_len: int, memory_budget_gib: float |
          causal: bool = False, dtype: str | None = None, device: str | None = None,
          inference: bool = False, min_accuracy: dict[str, float] | None = None,
          allow_approximate: bool = False, max_extrapolation: float = MAX_EXTRAPOLATION,
-         decode: bool = False, n_kv_heads: int | None = None) -> Recommendation:
+         decode: bool = False, n_kv_heads: int | None = None, device_name: str | None = None) -> Recommendation:
     if seq_len < 1:
         raise ValueError(f"seq_len must be a positive number of tokens, got {seq_len}")
     min_accuracy = min_accuracy or {}
@@ -118,6 +119,8 @@ def pick(records: list[dict[str, Any]], seq_len: int, memory_budget_gib: float |
     accuracy = [r for r in records if r.get("bench") == "accuracy" and r.get("status") == "ok"]
     device = device or most_common(r["device"] for r in speed)
     on_device = [r for r in speed if r["device"] == device]
+    device_name = device_name or most_common(r.get("device_name") for r in on_device)
+    on_device = [r for r in on_device if r.get("device_name") == device_name]
     dtype = dtype or most_common(r["dtype"] for r in on_device)
     matching = [r for r in on_device if r["dtype"] == dtype and bool(r["causal"]) == causal]
     cell = most_common(tuple(setting(r, k) for k in CELL_SETTINGS) for r in matching)
@@ -125,7 +128,8 @@ def pick(records: list[dict[str, Any]], seq_len: int, memory_budget_gib: float |
         matching = [r for r in matching if tuple(setting(r, k) for k in CELL_SETTINGS) == cell]
     step = ("decode step (one token against a KV cache of n; memory: the prefill's peak, cache included)"
             if decode else "forward (inference)" if inference else "forward+backward (training step)")
-    settings = {"device": device, "dtype": dtype, "causal": causal, "step": step,
+    settings = {"device": device, **({"device_name": device_name} if device_name else {}),
+                "dtype": dtype, "causal": causal, "step": step,
                 "memory_budget_gib": memory_budget_gib, **dict(zip(CELL_SETTINGS, cell or ()))}
     time_field = "fwd_ms" if inference or decode else "fwd_bwd_ms"
     memory_field = "peak_mem_mib" if decode else "fwd_peak_mem_mib" if inference else "fwd_bwd_peak_mem_mib"
@@ -135,7 +139,8 @@ def pick(records: list[dict[str, Any]], seq_len: int, memory_budget_gib: float |
         by_backend[label(r)].append(r)
     ranked, excluded = [], []
     for name in sorted({label(r) for r in speed} - set(by_backend)):
-        excluded.append(Exclusion(name, f"not measured on {device} with {dtype}, causal={causal} and these settings"))
+        excluded.append(Exclusion(name, f"not measured on {device_name or device} with {dtype}, causal={causal} "
+                                        "and these settings"))
 
     for name, cells in sorted(by_backend.items()):
         verdict = assess(name, cells, seq_len, time_field, memory_field, max_extrapolation)
@@ -303,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--causal", action="store_true", help="a causal (decoder) workload")
     parser.add_argument("--dtype", help="float32, bfloat16, ... (default: the most measured)")
     parser.add_argument("--device", help="cpu or cuda (default: the most measured)")
+    parser.add_argument("--device-name", metavar="NAME",
+                        help="the machine, as records name it (e.g. 'AMD EPYC (2 cores)'; default: the most "
+                             "measured): records from other machines are left out")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--inference", action="store_true", help="rank by the forward pass instead of a training step")
     mode.add_argument("--decode", action="store_true",
@@ -329,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     rec = pick(records, args.seq_len, args.memory_budget, args.causal, args.dtype, args.device,
                args.inference, dict(args.min_accuracy), args.allow_approximate, args.max_extrapolation,
-               args.decode, args.n_kv_heads)
+               args.decode, args.n_kv_heads, args.device_name)
     print(json.dumps(asdict(rec), indent=2) if args.json else format_table(rec))
     far = [c for c in rec.ranked if c.extrapolated]
     if far and not args.json:
