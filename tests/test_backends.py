@@ -215,3 +215,38 @@ def test_changing_future_tokens_never_changes_past_outputs(backend_name):
     before, after = outputs_of(backend_name, [x, changed], causal=True)
     assert (before - after)[:, :120].abs().max() < 1e-5 * max(1.0, before.abs().max().item())
     assert (before - after)[:, 120:].abs().max() > 1e-3  # the change reached the later outputs
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_memory_model_bounds_the_attention_core_s_measured_peak(backend_name, causal, training):
+    """``memory_bytes`` against the profiler's peak of ``attend`` alone (1,000 tokens, 8 heads of
+    64, float32): the guard refuses a cell on it, so it must never predict less than the core
+    takes. (test_sweeps checks the whole measured layer the same way.)"""
+    from bench.measure import peak_memory_bytes
+
+    backend = get_backend(backend_name)
+    if not issubclass(backend, ProjectedAttention):
+        pytest.skip(f"{backend_name}'s model covers its whole layer (test_sweeps)")
+    if causal and not backend.capabilities.causal:
+        pytest.skip(f"{backend_name} is not causal (its reason is tested above)")
+    if training and "cpu" not in backend.capabilities.backward_devices:
+        pytest.skip(f"{backend_name} has no backward on CPU")
+    skip_unless_available(backend_name, Cell("cpu", "float32", head_dim=64, causal=causal))
+    b, h, n, d = 1, 8, 1000, 64
+    options = {"max_len": n} if backend.capabilities.needs_max_len else {}
+    attention = build_attention(backend_name, h * d, h, **options)
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=training) for _ in range(3))
+    grad = torch.randn(b, h, n, d)  # the output's gradient, an input of the step as in the harness
+
+    def step():
+        with torch.set_grad_enabled(training):
+            out = attention.attend(q, k, v, None, causal)
+            if training:
+                out.backward(grad)
+
+    step()  # compiled kernels and cached masks are built outside the measured call
+    measured = peak_memory_bytes(step, "cpu")
+    model = backend.memory_bytes(Shape(b, h, d, n, n, causal=causal, bytes_per_element=4, device="cpu"), training,
+                                 **options)
+    assert model >= measured > 0

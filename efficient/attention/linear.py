@@ -102,11 +102,15 @@ def kernel_attention_flops(shape: Shape, features: int, chunk: int) -> float:
 
 def kernel_attention_memory_bytes(shape: Shape, training: bool, features: int, chunk: int) -> float:
     """Feature maps of q and k [n or m, D] (several kept for backward when training), the output;
-    causal: each chunk's [chunk, chunk] products and the D x d sums before each chunk."""
+    causal: q, k and v copied out to whole chunks, each chunk's [chunk, chunk] products, and the
+    D x d sums of the chunks three times over (the sums, their running total, its shifted copy)."""
     b, h, n, m, d = shape.batch, shape.n_heads, shape.q_len, shape.k_len, shape.head_dim
     element = max(shape.bytes_per_element, 4)
     features_bytes = b * h * (n + m) * features * element
     total = features_bytes * (4 if training else 2) + b * h * n * d * element * (6 if training else 2)
     if shape.causal:
-        total += b * h * (n * min(chunk, n) + (n // max(chunk, 1) + 1) * features * d) * element * (3 if training else 1)
+        chunked_copies = n * (2 * features + d)
+        within = n * min(chunk, n) * (3 if training else 1)
+        sums = 3 * (n // max(chunk, 1) + 1) * features * d
+        total += b * h * (chunked_copies + within + sums) * element
     return total

@@ -144,6 +144,8 @@ class NystromAttention(ProjectedAttention):
 
     @classmethod
     def memory_bytes(cls, shape: Shape, training: bool, landmarks: int = 64, **options) -> float:
-        """F [n, l] and B [l, m] with their softmax temporaries, in float32."""
+        """F [n, l] and B [l, m] with their softmax temporaries, in float32; q, k and v padded to a
+        multiple of the landmarks, and the convolution of v, [n, d] each."""
         scores = shape.batch * shape.n_heads * landmarks * (shape.q_len + shape.k_len) * 4
-        return scores * (5 if training else 3) + super().memory_bytes(shape, training)
+        copies = 4 * shape.batch * shape.n_heads * max(shape.q_len, shape.k_len) * shape.head_dim * max(shape.bytes_per_element, 4)
+        return scores * (5 if training else 3) + copies + super().memory_bytes(shape, training)

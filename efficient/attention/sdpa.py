@@ -86,4 +86,7 @@ class SDPAttention(ProjectedAttention):
     def memory_bytes(cls, shape, training, kernel: Kernel | str = Kernel.auto, **options) -> float:
         if as_value(kernel) == "math":  # materialises the scores like `full`
             return materialised_memory_bytes(shape, training)
+        if shape.device == "cpu":  # the CPU flash kernel's blocks, per thread: scores, probabilities
+            # and their gradient, [256 queries, 512 keys] in float32 each (torch's FlashAttentionKernel.cpp)
+            return super().memory_bytes(shape, training) + torch.get_num_threads() * 3 * 256 * 512 * 4
         return super().memory_bytes(shape, training)

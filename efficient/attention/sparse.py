@@ -164,7 +164,8 @@ class SparseAttention(ProjectedAttention):
         """blockwise: scores [n, K block] in float32, the probabilities written over them; a
         training step's backward recomputes them beside their gradient (three such tensors at
         most; with attention dropout autograd keeps about two more); the gathered (non-band) keys
-        and values [n / block, other block, d]; the global rows; the output. flex: a fused kernel (linear in length) and
+        and values [n / block, other block, d]; the global rows; q, k and v padded to whole blocks
+        (and q scaled), [n, d] each; the output. flex: a fused kernel (linear in length) and
         its block mask, int32 tile indices [n / 64, m / 64] (its dense boolean mask, built once
         per shape, is not part of a step)."""
         if resolved_kernel(options.get("kernel", "auto"), shape.device) == "flex":
@@ -172,9 +173,12 @@ class SparseAttention(ProjectedAttention):
             return super().memory_bytes(shape, training) + shape.batch * tiles * 4 * 4
         block, band, other, global_rows = cls.pattern(shape.k_len, **options)
         rows = math.ceil(shape.q_len / block) * block
+        element = max(shape.bytes_per_element, 4)
         scores = shape.batch * shape.n_heads * (rows * (band + other) * block + global_rows * shape.k_len) * 4
-        gathered = 2 * shape.batch * shape.kv_heads * rows * other * shape.head_dim * max(shape.bytes_per_element, 4)
-        return scores * (3 if training else 2) + gathered * (2 if training else 1) + super().memory_bytes(shape, training)
+        gathered = 2 * shape.batch * shape.kv_heads * rows * other * shape.head_dim * element
+        copies = shape.batch * (2 * shape.n_heads + 2 * shape.kv_heads) * rows * shape.head_dim * element  # q padded and scaled, k and v padded
+        return (scores * (3 if training else 2) + gathered * (2 if training else 1) + copies * (2 if training else 1)
+                + super().memory_bytes(shape, training))
 
 
 def flex_sparse_attention(attention: SparseAttention, q, k, v, key_padding_mask, causal):
