@@ -251,7 +251,7 @@ def blockwise_attention(attention: SparseAttention, q, k, v, key_padding_mask, c
 
     Fewer queries than a block (a decode step against a KV cache) gather each query's keys
     instead, [b, hk, n, K block, d]: the step reads and scores O(K block) keys per query, never a
-    copy of the whole cache nor the 64 rows of a padded query block."""
+    copy of the whole cache nor the other rows of a padded query block."""
     n, m, size = q.shape[-2], k.shape[-2], attention.block
     n_blocks = math.ceil(m / size)
     first = (m - n) // size  # the first block that holds a query
