@@ -22,9 +22,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-import bench.config  # noqa: F401  (registers the structured configs)
+import bench.config
 from bench import records, resume, tracking
 from bench.harness import new_record, run_job
+
+bench.config.register()  # here, not under __main__: a SLURM job imports this module to run main()
 
 
 def main_job() -> list[str]:

@@ -13,11 +13,13 @@ from enum import Enum
 from typing import Callable
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
+from bench import measure, records
 from bench.tasks import get_task
-from efficient.attention import (Attention, Shape, as_value, attention_factory, get_backend, option_defaults,
-                                 training_flops)
+from efficient.attention import (Attention, Shape, Unsupported, as_value, attention_factory, get_backend,
+                                 option_defaults, training_flops)
 from efficient.models import CausalLM, EncoderClassifier, ModelSize
 
 
@@ -96,6 +98,19 @@ def build_model(cfg, make: Callable[[int], Attention] | None = None) -> CausalLM
     task = get_task(cfg.task.name)
     return EncoderClassifier(task.vocab_size(cfg.task), task.n_classes(cfg.task), cfg.seq_len,
                              model_size(cfg.model), make or make_attention(cfg))
+
+
+def resolved_device(cfg) -> str:
+    """The device the job runs on (``auto`` resolved), or the one it asked for if it is missing."""
+    try:
+        return measure.resolve_device(cfg.device.value)
+    except Unsupported:
+        return cfg.device.value
+
+
+def cell_hash(cfg) -> str:
+    """The cell's identity: the resolved config, ``device=auto`` resolved (``records.config_hash``)."""
+    return records.config_hash(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), resolved_device(cfg))
 
 
 def kv_heads(cfg) -> int:

@@ -20,9 +20,9 @@ from hydra.errors import CompactHydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from bench import benches, tasks
-from bench.cell import ModelConfig
-from bench.harness import cell_hash
-from efficient.attention import Bound, Cell, backend_names, get_backend, options_schema
+from bench.cell import ModelConfig, cell_hash
+from efficient.attention import Setting, backend_names, get_backend, options_schema
+from efficient.bounds import Bound
 
 
 class Device(Enum):
@@ -135,7 +135,7 @@ def backend_list(device: str | None = None, dtype: str = "float32") -> str:
     ``${backends:cpu,float32}``: those that can run on that device and dtype here."""
     names = backend_names()
     if device is not None:
-        names = [n for n in names if get_backend(n).cannot_run(Cell(device, dtype)) is None]
+        names = [n for n in names if get_backend(n).cannot_run(Setting(device, dtype)) is None]
     return ",".join(names)
 
 
@@ -151,7 +151,10 @@ def config_groups() -> str:
     return "\n".join(lines)
 
 
-def register_configs() -> None:
+def register() -> None:
+    """Store the schemas in Hydra's ConfigStore and register the resolvers the yaml files use
+    (``${cell_hash:}``, ``${backends:}``, ``${config_groups:}``). Called once before composing:
+    by run.py when it is imported (a SLURM job unpickles it), by the tests, by the GPU check."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="hydra/sweeper", name="cells", node=CellSweeperConfig)
@@ -162,9 +165,6 @@ def register_configs() -> None:
         cs.store(group="schema/task", name=task.name, node=task.schema)
     for name in backend_names():
         cs.store(group="schema/attention", name=name, node=options_schema(get_backend(name)))
-
-
-register_configs()
-OmegaConf.register_new_resolver("cell_hash", job_cell_hash, replace=True)
-OmegaConf.register_new_resolver("backends", backend_list, replace=True)
-OmegaConf.register_new_resolver("config_groups", config_groups, replace=True)
+    OmegaConf.register_new_resolver("cell_hash", job_cell_hash, replace=True)
+    OmegaConf.register_new_resolver("backends", backend_list, replace=True)
+    OmegaConf.register_new_resolver("config_groups", config_groups, replace=True)

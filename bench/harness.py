@@ -22,9 +22,9 @@ from omegaconf import OmegaConf
 
 from bench import device_lock, measure, records
 from bench.benches import get_bench
-from bench.cell import PredictedOOM, attention_options, kv_heads
+from bench.cell import PredictedOOM, attention_options, cell_hash, kv_heads, resolved_device
 from bench.output_check import WrongOutput
-from efficient.attention import Cell, Unavailable, Unsupported, get_backend
+from efficient.attention import Setting, Unavailable, Unsupported, get_backend
 
 
 def new_record(cfg) -> dict:
@@ -37,19 +37,6 @@ def new_record(cfg) -> dict:
         git_sha=records.git_sha(), host=socket.gethostname(), pid=os.getpid(),
     )
     return record
-
-
-def resolved_device(cfg) -> str:
-    """The device the job runs on (``auto`` resolved), or the one it asked for if it is missing."""
-    try:
-        return measure.resolve_device(cfg.device.value)
-    except Unsupported:
-        return cfg.device.value
-
-
-def cell_hash(cfg) -> str:
-    """The cell's identity: the resolved config, ``device=auto`` resolved (``records.config_hash``)."""
-    return records.config_hash(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), resolved_device(cfg))
 
 
 def describe_cell(cfg) -> dict:
@@ -125,7 +112,7 @@ def allotted_cores() -> int:
 
 def check_supported(cfg, device: str) -> None:
     backend = get_backend(cfg.attention.name)
-    cell = Cell(
+    cell = Setting(
         device=device, dtype=cfg.dtype.value, causal=cfg.causal,
         key_padding_mask=cfg.bench.get("pad_fraction", 0) > 0,
         head_dim=cfg.model.d_model // cfg.model.n_heads, seq_len=cfg.seq_len,

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from bench.tasks.data import Split, accuracy_of
 from bench.tasks.recall import recall_splits
 from bench.stream_eval import load_job
-from efficient.tasks import recall
+from efficient.datasets import recall
 
 REGIONS = ("value", "key", "other values", "other keys", "filler", "queries")
 

@@ -25,6 +25,10 @@ class Registry(Generic[T]):
         self.entries[name] = entry
         return entry
 
+    def unregister(self, name: str) -> None:
+        """Remove an entry (a test's probe, once the test is done)."""
+        self.entries.pop(name, None)
+
     def names(self) -> list[str]:
         return sorted(self.entries)
 

@@ -14,8 +14,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import bench.config  # noqa: E402,F401  (registers the structured configs)
+import bench.config  # noqa: E402
 from efficient.attention import backend_names  # noqa: E402
+
+bench.config.register()
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

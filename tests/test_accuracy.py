@@ -10,7 +10,7 @@ from bench.tasks.listops import encode, listops_splits
 from bench.records import validate
 from conftest import compose
 from efficient.attention import flex
-from efficient.tasks import listops
+from efficient.datasets import listops
 
 
 def tokens(text: str) -> list[str]:
@@ -263,7 +263,7 @@ def test_accuracy_job_record_and_missing_data(tmp_path):
 
 
 # -- associative recall (a causal LM task) ---------------------------------------------------
-from efficient.tasks import recall  # noqa: E402
+from efficient.datasets import recall  # noqa: E402
 
 
 def test_recall_sequences_score_the_value_after_each_queried_key():
@@ -313,7 +313,7 @@ def test_a_backend_that_cannot_do_the_task_is_unsupported(tmp_path):
 
 # -- byte-level language modelling -----------------------------------------------------------
 from bench.tasks.data import StreamData  # noqa: E402
-from efficient.tasks import charlm  # noqa: E402
+from efficient.datasets import charlm  # noqa: E402
 
 
 def test_byte_loader_reads_raw_and_zipped_files_and_splits_90_5_5_in_order(tmp_path):

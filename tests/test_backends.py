@@ -11,7 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import ROOT, compose, skip_unless_available
-from efficient.attention import (Capabilities, Cell, ProjectedAttention, Shape, Unsupported, build_attention,
+from efficient.attention import (Capabilities, Setting, ProjectedAttention, Shape, Unsupported, build_attention,
                                  get_backend)
 from efficient.attention.base import DTYPES
 
@@ -35,7 +35,7 @@ def test_impossible_cells_have_reasons(backend_name):
     """Every capability a backend lacks gives a reason that names it (none is left unchecked)."""
     backend = get_backend(backend_name)
     caps = backend.capabilities
-    home = Cell(caps.devices[0], caps.dtypes[0])  # a cell it can run, changed one way at a time
+    home = Setting(caps.devices[0], caps.dtypes[0])  # a cell it can run, changed one way at a time
     lacking = {
         "causal": (not caps.causal, dict(causal=True), "causal"),
         "key_padding_mask": (not caps.key_padding_mask, dict(key_padding_mask=True), "padding"),
@@ -85,7 +85,7 @@ def test_no_backward_where_the_backend_has_none(backend_name):
     backend = get_backend(backend_name)
     if "cpu" not in backend.capabilities.devices or "cpu" in backend.capabilities.backward_devices:
         pytest.skip("runs backward on CPU, or does not run on CPU")
-    skip_unless_available(backend_name, Cell("cpu", "float32", head_dim=32))
+    skip_unless_available(backend_name, Setting("cpu", "float32", head_dim=32))
     attn = build_attention(backend_name, 128, 4)  # head_dim 32: flex is refused at 8 and 16 on AVX2
     with pytest.raises(Unsupported, match="no backward on cpu"):
         attn(torch.randn(1, 8, 128))
@@ -105,9 +105,9 @@ def cpu_dtype(backend_name, **cell) -> torch.dtype:
     """float64 where the backend runs it on this CPU, else float32; skip if neither runs."""
     backend = get_backend(backend_name)
     for dtype in (torch.float64, torch.float32):
-        if backend.cannot_run(Cell("cpu", str(dtype)[6:], **cell)) is None:
+        if backend.cannot_run(Setting("cpu", str(dtype)[6:], **cell)) is None:
             return dtype
-    pytest.skip(backend.cannot_run(Cell("cpu", "float32", **cell)))
+    pytest.skip(backend.cannot_run(Setting("cpu", "float32", **cell)))
 
 
 def compare_with_reference(backend_name, x, context=None, mask=None, causal=False, **options):
@@ -232,7 +232,7 @@ def test_the_memory_model_bounds_the_attention_core_s_measured_peak(backend_name
         pytest.skip(f"{backend_name} is not causal (its reason is tested above)")
     if training and "cpu" not in backend.capabilities.backward_devices:
         pytest.skip(f"{backend_name} has no backward on CPU")
-    skip_unless_available(backend_name, Cell("cpu", "float32", head_dim=64, causal=causal))
+    skip_unless_available(backend_name, Setting("cpu", "float32", head_dim=64, causal=causal))
     b, h, n, d = 1, 8, 1000, 64
     options = {"max_len": n} if backend.capabilities.needs_max_len else {}
     attention = build_attention(backend_name, h * d, h, **options)

@@ -6,7 +6,7 @@ import pytest
 
 from bench import records
 from conftest import ROOT, results_under, run_cli
-from efficient.attention import Cell, get_backend
+from efficient.attention import Setting, get_backend
 
 SMALL = ["model.d_model=64", "model.n_heads=2", "bench.repeats=2", "bench.warmup=1"]
 
@@ -70,7 +70,7 @@ def test_the_main_job_is_a_study_config_hydra_can_show(tmp_path):
         cfg = hydra_compose(config_name="config", overrides=["experiment=main_cpu"], return_hydra_config=True)
     cpu_backends = ["bigbird", "chunked", "flex", "full", "linear", "linformer", "local", "longformer", "nystrom",
                     "performer", "reformer", "sdpa", "sliding_window", "xl"]  # all that run on a CPU
-    runnable_here = [n for n in cpu_backends if get_backend(n).unavailable_reason(Cell("cpu", "float32")) is None]
+    runnable_here = [n for n in cpu_backends if get_backend(n).unavailable_reason(Setting("cpu", "float32")) is None]
     assert cfg.hydra.sweeper.params.attention == ",".join(runnable_here)
 
 

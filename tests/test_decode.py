@@ -12,7 +12,7 @@ import torch
 from einops import einsum
 
 from conftest import compose, run_cli, skip_unless_available
-from efficient.attention import Cell, Unsupported, attention_factory, build_attention, get_backend
+from efficient.attention import Setting, Unsupported, attention_factory, build_attention, get_backend
 from efficient.attention.functional import exact_attention
 from efficient.kv_cache import KVCache, empty_caches
 from efficient.models import CausalLM, ModelSize
@@ -48,7 +48,7 @@ def test_n_kv_heads_must_divide_n_heads_and_backends_without_grouping_say_so():
         build_attention("full", WIDTH, HEADS, n_kv_heads=3)
     for name in ("xl", "linformer"):
         caps = get_backend(name).capabilities
-        reason = get_backend(name).unsupported_reason(Cell("cpu", "float32", grouped_query=True))
+        reason = get_backend(name).unsupported_reason(Setting("cpu", "float32", grouped_query=True))
         assert not caps.grouped_query and "n_kv_heads" in reason
         with pytest.raises(Unsupported, match="n_kv_heads"):
             build_attention(name, WIDTH, HEADS, n_kv_heads=2, **({"max_len": 64} if name == "linformer" else {}))
@@ -84,12 +84,12 @@ def decodable(name: str, n_kv_heads: int) -> None:
     if "cpu" not in caps.devices:
         pytest.skip(f"{name} does not run on CPU")
     if not caps.causal:
-        reason = get_backend(name).unsupported_reason(Cell("cpu", "float32", causal=True, kv_cache=True))
+        reason = get_backend(name).unsupported_reason(Setting("cpu", "float32", causal=True, kv_cache=True))
         assert reason and "causal" in reason
         pytest.skip(reason)
     if n_kv_heads != HEADS and not caps.grouped_query:
         pytest.skip(f"{name} has no grouped-query attention")
-    skip_unless_available(name, Cell("cpu", "float32", causal=True, kv_cache=True, head_dim=WIDTH // HEADS))
+    skip_unless_available(name, Setting("cpu", "float32", causal=True, kv_cache=True, head_dim=WIDTH // HEADS))
 
 
 @pytest.mark.parametrize("n_kv_heads", [1, 2, HEADS])

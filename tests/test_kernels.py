@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import requires_cuda, skip_unless_available
-from efficient.attention import (Cell, Shape, Unsupported, backend_names, build_attention, get_backend,
+from efficient.attention import (Setting, Shape, Unsupported, backend_names, build_attention, get_backend,
                                  option_defaults)
 from efficient.attention.chunked import Blocks, chunked_attention
 from efficient.attention.functional import exact_attention, visible_keys
@@ -235,7 +235,7 @@ def test_chunked_rejects_empty_chunks():
 # -- sdpa ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kernel", ["efficient", "cudnn"])
 def test_sdpa_kernels_torch_lacks_on_cpu_are_unsupported_not_math(kernel):
-    reason = get_backend("sdpa").unsupported_reason(Cell("cpu", "float32"), kernel=kernel)
+    reason = get_backend("sdpa").unsupported_reason(Setting("cpu", "float32"), kernel=kernel)
     assert reason == f"torch SDPA has no {kernel} kernel on CPU (CPU kernels: flash, math)"
     attn = build_attention("sdpa", 32, 4, kernel=kernel)
     with pytest.raises(Unsupported, match="no .* kernel on CPU"):
@@ -261,7 +261,7 @@ def test_sdpa_unknown_kernel_is_a_config_error():
 # -- flex ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("causal", [False, True])
 def test_flex_sliding_window_matches_the_windowed_reference(causal):
-    skip_unless_available("flex", Cell("cpu", "float32", causal=causal, head_dim=32))
+    skip_unless_available("flex", Setting("cpu", "float32", causal=causal, head_dim=32))
     attn = build_attention("flex", 64, 2, window=5).eval()  # head_dim 32: see docs/upstream.md
     x = torch.randn(2, 40, 64)
     with torch.no_grad():
@@ -279,8 +279,8 @@ def test_flex_sliding_window_matches_the_windowed_reference(causal):
 # -- xformers --------------------------------------------------------------------------------
 def test_xformers_on_cpu_is_unsupported_and_a_missing_build_is_unavailable():
     xformers = get_backend("xformers")
-    assert xformers.unsupported_reason(Cell("cpu", "float16")) == "xformers does not run on cpu (runs on: cuda)"
-    here = xformers.unavailable_reason(Cell("cpu", "float16"))  # what this machine's xformers says, in its words
+    assert xformers.unsupported_reason(Setting("cpu", "float16")) == "xformers does not run on cpu (runs on: cuda)"
+    here = xformers.unavailable_reason(Setting("cpu", "float16"))  # what this machine's xformers says, in its words
     try:
         import xformers.ops  # noqa: F401
     except Exception:
@@ -317,7 +317,7 @@ GPU_CASES = gpu_cases()
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_kernels_match_the_fp32_reference(name, options, dtype, causal):
-    reason = get_backend(name).cannot_run(Cell("cuda", str(dtype)[6:], causal=causal, head_dim=64), **options)
+    reason = get_backend(name).cannot_run(Setting("cuda", str(dtype)[6:], causal=causal, head_dim=64), **options)
     if reason:
         pytest.skip(reason)
     torch.manual_seed(0)
@@ -339,7 +339,7 @@ def test_gpu_kernels_match_the_fp32_reference(name, options, dtype, causal):
 
 def test_flex_block_masks_follow_the_padding_not_the_tensor():
     """Two different padding masks (even at a reused address) never share a cached block mask."""
-    skip_unless_available("flex", Cell("cpu", "float32", key_padding_mask=True, head_dim=32))
+    skip_unless_available("flex", Setting("cpu", "float32", key_padding_mask=True, head_dim=32))
     attn = build_attention("flex", 64, 2).eval()
     x = torch.randn(2, 40, 64)
     with torch.no_grad():

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 import bench.config
-from bench.benches import Bench, bench_names, get_bench, register_bench
+from bench.benches import BENCHES, Bench, bench_names, get_bench, register_bench
 from bench.harness import run_job
 from bench.tasks import get_task, task_names
 from conftest import ROOT, compose
-from efficient.attention import Bound
+from efficient.bounds import Bound
 
 
 def module_name(path: Path) -> str:
@@ -91,11 +91,18 @@ def run_probe(cfg, device: str, **context) -> dict:
     return {"metric": "scaled_length", "value": cfg.seq_len * cfg.bench.scale}
 
 
-def test_a_new_bench_is_one_registration_and_one_yaml(tmp_path):
+@pytest.fixture
+def probe_bench():
+    """The probe bench, registered for one test and removed after it (the registry is global)."""
+    register_bench(Bench("probe", ProbeBenchConfig, run_probe, exclusive=False, bounds={"scale": Bound(0, open=True)}))
+    bench.config.register()
+    yield
+    BENCHES.unregister("probe")
+
+
+def test_a_new_bench_is_one_registration_and_one_yaml(tmp_path, probe_bench):
     """A bench from outside the package: registered, given a yaml on Hydra's search path, it is
     composed, its bounds checked, and run by the harness into an ok record; nothing else is edited."""
-    register_bench(Bench("probe", ProbeBenchConfig, run_probe, exclusive=False, bounds={"scale": Bound(0, open=True)}))
-    bench.config.register_configs()
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "probe.yaml").write_text("defaults:\n  - /schema/bench/probe@_here_\n  - _self_\n\nname: probe\n")
     search = f"hydra.searchpath=[file://{tmp_path}]"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from efficient.attention import Cell, Unsupported, attention_factory, build_attention, get_backend
+from efficient.attention import Setting, Unsupported, attention_factory, build_attention, get_backend
 from efficient.models import EncoderClassifier, ModelSize
 
 torch.manual_seed(0)
@@ -60,7 +60,7 @@ def test_shorter_inputs_use_the_first_columns_like_padding():
 
 
 def test_causal_is_refused_with_a_reason():
-    assert "cannot be causal" in get_backend("linformer").unsupported_reason(Cell("cpu", "float32", causal=True))
+    assert "cannot be causal" in get_backend("linformer").unsupported_reason(Setting("cpu", "float32", causal=True))
     with pytest.raises(Unsupported, match="cannot be causal"):
         linformer()(torch.randn(1, 16, 24, dtype=torch.float64), causal=True)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from efficient.attention import Cell, Unsupported, build_attention, get_backend
+from efficient.attention import Setting, Unsupported, build_attention, get_backend
 from efficient.attention.functional import exact_attention
 from efficient.attention.nystrom import iterative_pinv, segment_means
 
@@ -74,7 +74,7 @@ def test_gradients_against_finite_differences():
 
 
 def test_causal_is_refused_with_a_reason():
-    assert "cannot be causal" in get_backend("nystrom").unsupported_reason(Cell("cpu", "float32", causal=True))
-    assert "cross-attention" in get_backend("nystrom").unsupported_reason(Cell("cpu", "float32", cross_attention=True))
+    assert "cannot be causal" in get_backend("nystrom").unsupported_reason(Setting("cpu", "float32", causal=True))
+    assert "cross-attention" in get_backend("nystrom").unsupported_reason(Setting("cpu", "float32", cross_attention=True))
     with pytest.raises(Unsupported, match="cannot be causal"):
         nystrom()(torch.randn(1, 16, 64, dtype=torch.float64), causal=True)

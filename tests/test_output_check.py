@@ -15,7 +15,7 @@ from bench.harness import run_job
 from bench.output_check import beyond_tolerance, check_exact, nonfinite
 from bench.records import validate
 from conftest import compose
-from efficient.attention import Cell, get_backend
+from efficient.attention import Setting, get_backend
 from efficient.attention import flex
 from efficient.attention.full import FullAttention
 
@@ -155,9 +155,9 @@ class FakeISA:
 ])
 def test_flex_is_refused_on_cpu_where_torch_miscompiles_it(monkeypatch, isa, head_dim, refused):
     monkeypatch.setattr(flex, "inductor_cpu_isa", lambda: isa)
-    reason = get_backend("flex").cannot_run(Cell("cpu", "float32", head_dim=head_dim))
+    reason = get_backend("flex").cannot_run(Setting("cpu", "float32", head_dim=head_dim))
     assert (reason is None) if refused is None else (refused in reason)
-    assert get_backend("flex").unavailable_reason(Cell("cuda", "float32", head_dim=head_dim)) is None
+    assert get_backend("flex").unavailable_reason(Setting("cuda", "float32", head_dim=head_dim)) is None
 
 
 def test_a_refused_flex_cell_is_unsupported_on_this_machine_not_measured(monkeypatch, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from efficient.attention import build_attention, get_backend
-from efficient.attention.base import Cell
+from efficient.attention.base import Setting
 from efficient.attention.reformer import bucket_factors, default_buckets, shared_keys
 
 
@@ -103,7 +103,7 @@ def test_causal_is_refused_because_future_tokens_move_the_chunk_boundaries():
     """With the causal mask, a query still sees only earlier keys, but the later tokens' buckets
     decide which earlier keys fall into its chunk: past outputs change with the future."""
     assert "changing a future token changes past outputs" in get_backend("reformer").cannot_run(
-        Cell("cpu", "float32", causal=True))
+        Setting("cpu", "float32", causal=True))
     torch.manual_seed(0)
     attention = build_attention("reformer", 32, 2, chunk=8, rounds=1).double()
     q, v = torch.randn(1, 2, 64, 16, dtype=torch.float64), torch.randn(1, 2, 64, 16, dtype=torch.float64)

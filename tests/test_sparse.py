@@ -9,7 +9,7 @@ import torch
 
 from conftest import requires_cuda, skip_unless_available
 from efficient.attention import attention_factory, build_attention, get_backend, sparse
-from efficient.attention.base import Cell, Unsupported
+from efficient.attention.base import Setting, Unsupported
 from efficient.attention.functional import exact_attention
 
 N = 150  # not a multiple of any block below
@@ -103,7 +103,7 @@ def test_blockwise_attention_and_its_backward_equal_the_written_out_mask(name, c
 def test_the_flex_kernel_computes_the_same_mask(name, causal):
     """kernel=flex (FlexAttention's block mask, compiled; forward only on CPU) in float32 with
     padding and grouped heads, against the written-out mask."""
-    skip_unless_available(name, Cell("cpu", "float32", head_dim=32), kernel="flex")
+    skip_unless_available(name, Setting("cpu", "float32", head_dim=32), kernel="flex")
     attention = build_attention(name, 128, 4, n_kv_heads=2, kernel="flex", **CASES[name][0])
     q, k, v = (t.float() for t in qkv(N, kv_heads=2))
     q, k, v = (torch.cat([t, t.flip(-1)], dim=-1) for t in (q, k, v))  # head_dim 32 (docs/upstream.md: not 8 or 16)
@@ -130,7 +130,7 @@ def test_with_attention_dropout_autograd_runs_and_dropout_acts_in_training_only(
 def test_the_flex_kernel_has_no_backward_on_cpu():
     """Head width 32: where this CPU's inductor code for FlexAttention is refused (AVX2 at widths
     8 and 16, no vector ISA at all), the refusal says so instead, and this test skips."""
-    skip_unless_available("local", Cell("cpu", "float32", head_dim=32), kernel="flex")
+    skip_unless_available("local", Setting("cpu", "float32", head_dim=32), kernel="flex")
     attention = build_attention("local", 128, 4, block=16, kernel="flex")
     with pytest.raises(Unsupported, match="no backward on cpu"):
         attention(torch.randn(2, N, 128))

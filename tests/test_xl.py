@@ -388,7 +388,7 @@ def test_stream_eval_rescores_a_finished_charlm_job_at_other_memories(tmp_path, 
     from bench.stream_eval import evaluate
     from conftest import compose
 
-    from efficient.tasks import charlm
+    from efficient.datasets import charlm
 
     text = tmp_path / "text"
     text.write_bytes(charlm.default_corpus()[:12_000])  # val and test: 600 bytes each

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from efficient.attention import Bound
+from efficient.bounds import Bound
 from efficient.registry import Registry, import_modules
 
 

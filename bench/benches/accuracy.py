@@ -27,7 +27,8 @@ from bench import measure, records
 from bench.benches import Bench, register_bench
 from bench.cell import attention_options, build_model, option_words
 from bench.tasks import get_task, task_names
-from efficient.attention import Bound, Unsupported, get_backend
+from efficient.attention import Unsupported, get_backend
+from efficient.bounds import Bound
 
 
 @dataclass

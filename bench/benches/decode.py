@@ -31,7 +31,8 @@ from bench.benches import Bench, register_bench
 from bench.cell import PredictedOOM, attention_options, cell_shape, kv_heads, language_model, make_attention
 from bench.measure import MIB
 from bench.output_check import WrongOutput, check_exact, nonfinite
-from efficient.attention import Attention, Bound, Cell, Unsupported, get_backend
+from efficient.attention import Attention, Setting, Unsupported, get_backend
+from efficient.bounds import Bound
 from efficient.kv_cache import KVCache, empty_caches
 
 
@@ -54,7 +55,7 @@ def check_decodable(cfg, device: str) -> None:
     if not cfg.causal:  # refused with the config's values already; here for callers that skip that check
         raise Unsupported("bench=decode measures causal (autoregressive) decoding: it cannot run with causal=false")
     if not backend.capabilities.stateful:  # a stateful backend (XL) decodes with its memory
-        cell = Cell(device, cfg.dtype.value, causal=True, kv_cache=True)
+        cell = Setting(device, cfg.dtype.value, causal=True, kv_cache=True)
         if reason := backend.unsupported_reason(cell):
             raise Unsupported(reason)
 

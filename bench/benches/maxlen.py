@@ -31,7 +31,8 @@ from bench import measure
 from bench.benches import Bench, register_bench
 from bench.cell import (PredictedOOM, Scope, attention_options, build_subject, cell_shape, option_words,
                         predicted_bytes)
-from efficient.attention import Bound, Unsupported, get_backend
+from efficient.attention import Unsupported, get_backend
+from efficient.bounds import Bound
 
 
 class SearchMethod(Enum):

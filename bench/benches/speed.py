@@ -22,7 +22,8 @@ from bench.cell import (PredictedOOM, Scope, Subject, attention_options, build_s
                         option_words, predicted_bytes)
 from bench.measure import MIB
 from bench.output_check import WrongOutput, check_exact, nonfinite
-from efficient.attention import Attention, Bound, get_backend
+from efficient.attention import Attention, get_backend
+from efficient.bounds import Bound
 
 
 OUTPUT_DIMS = ("batch", "position", "feature")  # the subject's output: [b, n, d_model] (or logits)

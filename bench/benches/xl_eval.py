@@ -18,7 +18,8 @@ import torch
 from bench import measure
 from bench.benches import Bench, register_bench
 from bench.cell import language_model, make_attention
-from efficient.attention import Bound, Unsupported, attention_factory
+from efficient.attention import Unsupported, attention_factory
+from efficient.bounds import Bound
 
 PAPER_SPEEDUP = {800: 363, 3800: 1874}  # Dai et al. 2019 (as quoted in DESIGN.md section 6)
 

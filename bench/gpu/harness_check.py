@@ -30,8 +30,10 @@ REHEARSAL_CELL = ("device=cpu", "dtype=float32", "model.d_model=256", "model.n_h
 def subject_forward(kernel: str, seq_len: int, cell: tuple[str, ...]):
     from hydra import compose, initialize_config_dir
 
-    import bench.config  # noqa: F401  (registers the structured configs)
+    import bench.config
     from bench.cell import build_subject
+
+    bench.config.register()
 
     conf = Path(__file__).resolve().parents[2] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):

@@ -2,7 +2,7 @@
 
 A task is one module here that calls ``register_task`` plus one ``conf/task/<name>.yaml``. Its
 ``schema`` (a dataclass) holds its settings and their defaults, which the yaml repeats and a test
-compares. The data itself comes from ``efficient.tasks`` (generators and file loaders); the
+compares. The data itself comes from ``efficient.datasets`` (generators and file loaders); the
 modules here adapt it to the training loop of ``bench=accuracy`` (``bench/tasks/data.py``).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from efficient.attention import Bound
+from efficient.bounds import Bound
 from efficient.registry import Registry, import_modules
 
 

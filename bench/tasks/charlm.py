@@ -1,4 +1,4 @@
-"""``task=charlm``: byte-level language modelling in bits per character (``efficient.tasks.charlm``)."""
+"""``task=charlm``: byte-level language modelling in bits per character (``efficient.datasets.charlm``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional
 
 from bench.tasks import Task, register_task
 from bench.tasks.data import StreamData
-from efficient.tasks import charlm
+from efficient.datasets import charlm
 
 
 @dataclass

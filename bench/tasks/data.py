@@ -18,7 +18,7 @@ from torch import nn
 
 from efficient.models import CausalLM
 from efficient.recurrence import eval_mem_len, evaluate_stream, ordered_columns, segment_loss
-from efficient.tasks import recall
+from efficient.datasets import recall
 
 IGNORE = recall.IGNORE  # a label that is not scored (-100)
 

@@ -1,4 +1,4 @@
-"""``task=listops``: LRA's ListOps, generated or read from LRA's TSV files (``efficient.tasks.listops``)."""
+"""``task=listops``: LRA's ListOps, generated or read from LRA's TSV files (``efficient.datasets.listops``)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 
 from bench.tasks import Task, register_task
 from bench.tasks.data import ExampleData, Split
-from efficient.attention import Bound
-from efficient.tasks import listops
+from efficient.bounds import Bound
+from efficient.datasets import listops
 
 
 @dataclass

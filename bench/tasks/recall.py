@@ -1,4 +1,4 @@
-"""``task=recall``: multi-query associative recall, a causal LM task (``efficient.tasks.recall``)."""
+"""``task=recall``: multi-query associative recall, a causal LM task (``efficient.datasets.recall``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 
 from bench.tasks import Task, register_task
 from bench.tasks.data import ExampleData, Split
-from efficient.attention import Bound
-from efficient.tasks import recall
+from efficient.bounds import Bound
+from efficient.datasets import recall
 
 
 @dataclass

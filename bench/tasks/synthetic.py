@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench.tasks import Task, register_task
-from efficient.attention import Bound
+from efficient.bounds import Bound
 
 
 @dataclass

@@ -2,10 +2,9 @@
 
 from efficient.attention.base import (
     Attention,
-    Bound,
     Capabilities,
-    Cell,
     ProjectedAttention,
+    Setting,
     Shape,
     Unavailable,
     Unsupported,
@@ -19,13 +18,12 @@ from efficient.attention.base import (
     register,
     training_flops,
 )
-
 from efficient.registry import import_modules
 
 import_modules(__name__, __path__, skip=("base", "functional"))
 
 __all__ = [
-    "Attention", "Bound", "Capabilities", "Cell", "ProjectedAttention", "Shape", "Unavailable", "Unsupported",
+    "Attention", "Capabilities", "ProjectedAttention", "Setting", "Shape", "Unavailable", "Unsupported",
     "as_value", "attention_factory", "backend_names", "build_attention", "get_backend", "option_defaults", "options_schema",
     "register", "training_flops",
 ]

@@ -40,6 +40,7 @@ from einops import rearrange
 from torch import nn
 
 from efficient.attention.functional import exact_attention, repeat_kv
+from efficient.bounds import Bound
 from efficient.registry import Registry
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
@@ -80,8 +81,9 @@ class Capabilities:
 
 
 @dataclass(frozen=True)
-class Cell:
-    """What a caller intends to run: enough to decide support before building anything."""
+class Setting:
+    """The setting a backend is asked to run in (device, dtype, masks, ...): enough to decide
+    support before anything is built."""
 
     device: str  # "cpu" | "cuda"
     dtype: str  # one of DTYPES
@@ -92,29 +94,6 @@ class Cell:
     seq_len: int | None = None  # the longest input, when known (a backend built for a length checks it)
     grouped_query: bool = False  # fewer key/value heads than query heads
     kv_cache: bool = False  # inference against a KV cache (bench=decode)
-
-
-@dataclass(frozen=True)
-class Bound:
-    """The valid range of a numeric setting: ``low <= value`` (``low < value`` when ``open``),
-    and ``value < high`` when ``high`` is set. None is always valid (an unset option)."""
-
-    low: float
-    open: bool = False
-    high: float | None = None
-
-    def admits(self, value: Any) -> bool:
-        if value is None:
-            return True
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
-        above = value > self.low if self.open else value >= self.low
-        return above and (self.high is None or value < self.high)
-
-    def __str__(self) -> str:
-        if self.high is not None:
-            return f"in {'(' if self.open else '['}{self.low:g}, {self.high:g})"
-        return f"{'>' if self.open else '>='} {self.low:g}"
 
 
 @dataclass(frozen=True)
@@ -165,38 +144,38 @@ class Attention(nn.Module):
 
     # -- support -------------------------------------------------------------------------------
     @classmethod
-    def unsupported_reason(cls, cell: Cell, **options: Any) -> str | None:
-        """A sentence saying why this backend cannot run ``cell``, or None if it can."""
+    def unsupported_reason(cls, setting: Setting, **options: Any) -> str | None:
+        """A sentence saying why this backend cannot run ``setting``, or None if it can."""
         caps = cls.capabilities
-        if cell.device not in caps.devices:
-            return f"{cls.name} does not run on {cell.device} (runs on: {', '.join(caps.devices)})"
-        if cell.dtype not in caps.dtypes:
-            return f"{cls.name} does not support {cell.dtype} (supports: {', '.join(caps.dtypes)})"
-        if cell.causal and not caps.causal:
+        if setting.device not in caps.devices:
+            return f"{cls.name} does not run on {setting.device} (runs on: {', '.join(caps.devices)})"
+        if setting.dtype not in caps.dtypes:
+            return f"{cls.name} does not support {setting.dtype} (supports: {', '.join(caps.dtypes)})"
+        if setting.causal and not caps.causal:
             return f"{cls.name} cannot be causal"
-        if cell.cross_attention and not caps.cross_attention:
+        if setting.cross_attention and not caps.cross_attention:
             return f"{cls.name} does not support cross-attention"
-        if cell.key_padding_mask and not caps.key_padding_mask:
+        if setting.key_padding_mask and not caps.key_padding_mask:
             return f"{cls.name} does not support a key padding mask"
-        if cell.grouped_query and not caps.grouped_query:
+        if setting.grouped_query and not caps.grouped_query:
             return grouped_query_reason(cls.name)
-        if cell.kv_cache and not caps.kv_cache:
+        if setting.kv_cache and not caps.kv_cache:
             return f"{cls.name} cannot decode against a KV cache" + ("" if caps.causal else " (it cannot be causal)")
         return None
 
     @classmethod
-    def unavailable_reason(cls, cell: Cell, **options: Any) -> str | None:
-        """Why this machine cannot run ``cell`` though another could (a package missing or
+    def unavailable_reason(cls, setting: Setting, **options: Any) -> str | None:
+        """Why this machine cannot run ``setting`` though another could (a package missing or
         broken here), or None. Checked after ``unsupported_reason``."""
         return None
 
     @classmethod
-    def cannot_run(cls, cell: Cell, **options: Any) -> str | None:
-        """Why ``cell`` cannot run here, for either of the two reasons above, or None."""
-        return cls.unsupported_reason(cell, **options) or cls.unavailable_reason(cell, **options)
+    def cannot_run(cls, setting: Setting, **options: Any) -> str | None:
+        """Why ``setting`` cannot run here, for either of the two reasons above, or None."""
+        return cls.unsupported_reason(setting, **options) or cls.unavailable_reason(setting, **options)
 
     def check_call(self, x: torch.Tensor, context, key_padding_mask, causal: bool, kv_cache: bool = False) -> None:
-        cell = Cell(
+        setting = Setting(
             device=x.device.type,
             dtype=str(x.dtype).removeprefix("torch."),
             causal=causal,
@@ -206,15 +185,15 @@ class Attention(nn.Module):
             grouped_query=self.n_kv_heads != self.n_heads,
             kv_cache=kv_cache,
         )
-        reason = self.unsupported_reason(cell, **self.options())
+        reason = self.unsupported_reason(setting, **self.options())
         if reason:
             raise Unsupported(reason)
-        reason = self.unavailable_reason(cell, **self.options())
+        reason = self.unavailable_reason(setting, **self.options())
         if reason:
             raise Unavailable(reason)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if needs_grad and not self.trains_on(cell.device, **self.options()):
-            raise Unsupported(f"{self.name} has no backward on {cell.device}; run it under torch.no_grad()")
+        if needs_grad and not self.trains_on(setting.device, **self.options()):
+            raise Unsupported(f"{self.name} has no backward on {setting.device}; run it under torch.no_grad()")
 
     @classmethod
     def trains_on(cls, device: str, **options: Any) -> bool:

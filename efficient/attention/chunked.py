@@ -42,7 +42,8 @@ import math
 import torch
 from einops import rearrange
 
-from efficient.attention.base import Bound, ProjectedAttention, Shape, register
+from efficient.attention.base import ProjectedAttention, Shape, register
+from efficient.bounds import Bound
 from efficient.attention.functional import repeat_kv
 
 

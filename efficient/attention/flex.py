@@ -28,7 +28,8 @@ from typing import Optional
 import torch
 from torch.nn.attention.flex_attention import _DEFAULT_SPARSE_BLOCK_SIZE, create_block_mask, flex_attention
 
-from efficient.attention.base import Bound, Capabilities, Cell, ProjectedAttention, Shape, Unsupported, register
+from efficient.attention.base import Capabilities, Setting, ProjectedAttention, Shape, Unsupported, register
+from efficient.bounds import Bound
 from efficient.attention.functional import exact_attention, repeat_kv
 
 RECOMPILE_LIMIT = 256
@@ -137,8 +138,8 @@ class FlexAttention(ProjectedAttention):
     option_bounds = {"window": Bound(1)}
 
     @classmethod
-    def unavailable_reason(cls, cell: Cell, **options) -> Optional[str]:
-        return cpu_isa_problem(cell.head_dim) if cell.device == "cpu" else None
+    def unavailable_reason(cls, setting: Setting, **options) -> Optional[str]:
+        return cpu_isa_problem(setting.head_dim) if setting.device == "cpu" else None
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, *,
                  window: Optional[int] = None):

@@ -27,7 +27,8 @@ from typing import Optional
 
 import torch
 
-from efficient.attention.base import Bound, Capabilities, ProjectedAttention, Shape, register
+from efficient.attention.base import Capabilities, ProjectedAttention, Shape, register
+from efficient.bounds import Bound
 from efficient.attention.functional import kernel_attention
 from efficient.kv_cache import RunningSums
 

@@ -47,7 +47,8 @@ import torch
 from einops import einsum
 from torch import nn
 
-from efficient.attention.base import Bound, Capabilities, Cell, ProjectedAttention, Shape, Unsupported, as_value, register
+from efficient.attention.base import Capabilities, Setting, ProjectedAttention, Shape, Unsupported, as_value, register
+from efficient.bounds import Bound
 from efficient.attention.functional import exact_attention
 
 
@@ -85,16 +86,16 @@ class LinformerAttention(ProjectedAttention):
         self.F = self.E if self.share in ("kv", "layerwise") else new_projection(heads, k, max_len)
 
     @classmethod
-    def unsupported_reason(cls, cell: Cell, k: int = 256, max_len: Optional[int] = None, **options) -> str | None:
+    def unsupported_reason(cls, setting: Setting, k: int = 256, max_len: Optional[int] = None, **options) -> str | None:
         """The capability check, then the lengths: k <= max_len (default: the cell's length)."""
-        if reason := super().unsupported_reason(cell):
+        if reason := super().unsupported_reason(setting):
             return reason
-        longest = max_len if max_len is not None else cell.seq_len
+        longest = max_len if max_len is not None else setting.seq_len
         if longest is not None and k > longest:
             return (f"linformer's k={k} exceeds the {longest} positions it projects from (k <= max_len, "
                     f"which defaults to seq_len): set attention.k <= {longest} or a longer attention.max_len")
-        if max_len is not None and cell.seq_len is not None and cell.seq_len > max_len:
-            return f"linformer was built for at most max_len={max_len} tokens, not seq_len={cell.seq_len}"
+        if max_len is not None and setting.seq_len is not None and setting.seq_len > max_len:
+            return f"linformer was built for at most max_len={max_len} tokens, not seq_len={setting.seq_len}"
         return None
 
     @classmethod

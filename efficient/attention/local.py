@@ -22,7 +22,8 @@ from typing import Optional
 
 import torch
 
-from efficient.attention.base import Bound, as_value, register
+from efficient.attention.base import as_value, register
+from efficient.bounds import Bound
 from efficient.attention.sparse import SparseAttention, SparseKernel
 
 

@@ -44,7 +44,8 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
-from efficient.attention.base import Bound, Capabilities, ProjectedAttention, Shape, Unsupported, as_value, register
+from efficient.attention.base import Capabilities, ProjectedAttention, Shape, Unsupported, as_value, register
+from efficient.bounds import Bound
 from efficient.attention.functional import repeat_kv
 
 

@@ -41,7 +41,8 @@ from typing import Optional
 import torch
 from einops import einsum, rearrange
 
-from efficient.attention.base import Bound, Capabilities, ProjectedAttention, Shape, Unsupported, register
+from efficient.attention.base import Capabilities, ProjectedAttention, Shape, Unsupported, register
+from efficient.bounds import Bound
 from efficient.attention.functional import kernel_attention, safe_divide
 from efficient.attention.linear import kernel_attention_flops, kernel_attention_memory_bytes
 from efficient.kv_cache import RunningSums

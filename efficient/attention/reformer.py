@@ -41,7 +41,8 @@ from typing import Optional
 import torch
 from einops import einsum, rearrange
 
-from efficient.attention.base import Bound, Capabilities, ProjectedAttention, Shape, register
+from efficient.attention.base import Capabilities, ProjectedAttention, Shape, register
+from efficient.bounds import Bound
 
 MASKED = -1e9  # Hugging Face's float32 mask value; its own position: SELF
 SELF = -1e5
@@ -88,12 +89,12 @@ class ReformerAttention(ProjectedAttention):
         self.rotations: dict[tuple[int, ...], torch.Tensor] = {}  # factors -> [h, d, rounds, sum(factors) / 2]
 
     @classmethod
-    def unsupported_reason(cls, cell, **options):
-        if cell.causal:
+    def unsupported_reason(cls, setting, **options):
+        if setting.causal:
             return ("reformer is not causal here: its causal mask hides later keys, but which earlier keys share a "
                     "query's chunk depends on the later tokens' buckets (they take ticket slots in the sorted "
                     "order), so changing a future token changes past outputs")
-        return super().unsupported_reason(cell, **options)
+        return super().unsupported_reason(setting, **options)
 
     @classmethod
     def layer_factory(cls, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None,

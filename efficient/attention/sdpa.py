@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from efficient.attention.base import (
-    Cell, ProjectedAttention, Unsupported, as_value, materialised_memory_bytes, register,
+    Setting, ProjectedAttention, Unsupported, as_value, materialised_memory_bytes, register,
 )
 from efficient.attention.functional import visible_keys
 
@@ -51,13 +51,13 @@ class SDPAttention(ProjectedAttention):
         self.kernel = as_value(kernel)
 
     @classmethod
-    def unsupported_reason(cls, cell: Cell, kernel: Kernel | str = Kernel.auto, **options) -> str | None:
+    def unsupported_reason(cls, setting: Setting, kernel: Kernel | str = Kernel.auto, **options) -> str | None:
         kernel = as_value(kernel)
-        if cell.device == "cpu" and kernel not in CPU_KERNELS:
+        if setting.device == "cpu" and kernel not in CPU_KERNELS:
             return f"torch SDPA has no {kernel} kernel on CPU (CPU kernels: {', '.join(CPU_KERNELS[1:])})"
-        if cell.device == "cuda" and kernel in ("flash", "cudnn") and cell.dtype not in HALF:
-            return f"the {kernel} SDPA kernel needs float16 or bfloat16 on CUDA, not {cell.dtype}"
-        return super().unsupported_reason(cell)
+        if setting.device == "cuda" and kernel in ("flash", "cudnn") and setting.dtype not in HALF:
+            return f"the {kernel} SDPA kernel needs float16 or bfloat16 on CUDA, not {setting.dtype}"
+        return super().unsupported_reason(setting)
 
     def attend(self, q, k, v, key_padding_mask, causal):
         n, m = q.shape[-2], k.shape[-2]

@@ -35,7 +35,7 @@ import torch
 from einops import einsum, rearrange
 
 from efficient.attention import flex
-from efficient.attention.base import Capabilities, Cell, ProjectedAttention, Shape, Unsupported, as_value
+from efficient.attention.base import Capabilities, Setting, ProjectedAttention, Shape, Unsupported, as_value
 from efficient.attention.functional import repeat_kv
 
 
@@ -61,9 +61,9 @@ class SparseAttention(ProjectedAttention):
     global_decoding = False  # True: the newest token is a global query (it sees every key)
 
     @classmethod
-    def unavailable_reason(cls, cell: Cell, kernel: SparseKernel | str = SparseKernel.auto, **options):
-        if resolved_kernel(kernel, cell.device) == "flex" and cell.device == "cpu":
-            return flex.cpu_isa_problem(cell.head_dim)
+    def unavailable_reason(cls, setting: Setting, kernel: SparseKernel | str = SparseKernel.auto, **options):
+        if resolved_kernel(kernel, setting.device) == "flex" and setting.device == "cpu":
+            return flex.cpu_isa_problem(setting.head_dim)
         return None
 
     @classmethod

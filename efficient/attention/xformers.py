@@ -20,7 +20,7 @@ import functools
 import torch
 from einops import rearrange
 
-from efficient.attention.base import Capabilities, Cell, ProjectedAttention, Unsupported, as_value, register
+from efficient.attention.base import Capabilities, Setting, ProjectedAttention, Unsupported, as_value, register
 from efficient.attention.functional import repeat_kv
 
 
@@ -90,9 +90,9 @@ class XFormersAttention(ProjectedAttention):
         self.op = as_value(op)
 
     @classmethod
-    def unavailable_reason(cls, cell: Cell, op: Op | str = Op.auto, **options) -> str | None:
+    def unavailable_reason(cls, setting: Setting, op: Op | str = Op.auto, **options) -> str | None:
         """xformers' own words, when the installed build cannot run the cell on this machine."""
-        return xformers_problem(cell.device, cell.dtype, as_value(op))
+        return xformers_problem(setting.device, setting.dtype, as_value(op))
 
     def attend(self, q, k, v, key_padding_mask, causal):
         from xformers.ops.fmha import attn_bias

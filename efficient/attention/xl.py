@@ -39,7 +39,8 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
-from efficient.attention.base import Attention, Bound, Capabilities, Shape, Unsupported, register
+from efficient.attention.base import Attention, Capabilities, Shape, Unsupported, register
+from efficient.bounds import Bound
 
 
 def relative_sinusoid(distances: torch.Tensor, dim: int, clamp_len: int) -> torch.Tensor:
