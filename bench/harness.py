@@ -24,7 +24,7 @@ from bench import device_lock, measure, records
 from bench.benches import get_bench
 from bench.cell import PredictedOOM, attention_options, cell_hash, kv_heads, resolved_device
 from bench.output_check import WrongOutput
-from efficient.attention import Setting, Unavailable, Unsupported, get_backend
+from efficient.attention import Setting, Unavailable, Unsupported, as_value, get_backend, option_defaults
 
 
 def new_record(cfg) -> dict:
@@ -43,9 +43,15 @@ def describe_cell(cfg) -> dict:
     """The record's fields that say which cell this is (known before anything runs)."""
     scope = cfg.bench.get("scope")
     device = resolved_device(cfg)
+    backend = get_backend(cfg.attention.name)
+    options = attention_options(cfg)
+    defaults = {k: as_value(v) for k, v in option_defaults(backend).items()}
     return {
+        "record_version": records.RECORD_VERSION,
         "attention": cfg.attention.name,
-        "attention_options": attention_options(cfg),
+        "attention_options": options,
+        "label": records.option_label(backend.name, options, defaults),
+        "exact": backend.capabilities.exact and not backend.capabilities.sparse_mask,
         "bench": cfg.bench.name,
         "task": cfg.task.name,
         "scope": scope.value if scope else None,

@@ -37,11 +37,18 @@ def best_value(metric: str | None, values):
 
 
 RESULT_FILE = "result.json"
+# 2: a record describes itself (``label``, ``exact``, every option resolved), so that reading it
+# needs neither torch nor the backends. 1 (no ``record_version``): ``python -m bench.records
+# upgrade PATH`` adds what 2 has.
+RECORD_VERSION = 2
 
 # field -> meaning; every record has every field (None when it does not apply).
 FIELDS = {
     "attention": "backend name (conf/attention/<name>.yaml)",
-    "attention_options": "the backend's options, e.g. {'kernel': 'flash'}",
+    "attention_options": "the backend's options, every one resolved, e.g. {'kernel': 'flash', 'scale': None}",
+    "label": "the backend and the options set away from its defaults when measured, e.g. 'sdpa[kernel=flash]'",
+    "exact": "true: equal to full softmax attention up to rounding; false: an approximation, or exact "
+             "only under its own sparse mask",
     "bench": "speed | accuracy",
     "task": "synthetic or a data task",
     "scope": "attention (one layer) | model (the whole stack)",
@@ -88,6 +95,7 @@ FIELDS = {
     "value": "accuracy jobs: the metric's value",
     "extra": "bench-specific measurements (e.g. xl_eval: both models' per-token times)",
     "seed": "random seed",
+    "record_version": "the record's layout (RECORD_VERSION); none: version 1",
     "config_hash": "hash of the resolved config, less how it is run and logged: the cell's identity",
     "host": "machine that ran the job",
     "pid": "process that ran the job",
@@ -107,7 +115,7 @@ MEASUREMENTS = tuple(FIELDS)[tuple(FIELDS).index("fwd_ms"):tuple(FIELDS).index("
 TYPES: dict[str, tuple[type, ...]] = {
     "attention": (str,), "bench": (str,), "status": (str,), "dtype": (str,), "device": (str,),
     "seq_len": (int,), "batch_size": (int,), "n_heads": (int,), "n_kv_heads": (int,), "d_model": (int,),
-    "causal": (bool,), "attention_options": (dict,), "reason": (str,), "metric": (str,), "extra": (dict,),
+    "causal": (bool,), "attention_options": (dict,), "label": (str,), "exact": (bool,), "reason": (str,), "metric": (str,), "extra": (dict,),
     **{k: (int, float) for k in MEASUREMENTS if k not in ("attention_ops", "note", "reference", "metric")},
 }
 
@@ -310,17 +318,48 @@ def config_hash(config: dict[str, Any], device: str | None = None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def cell_label(record: dict[str, Any]) -> str:
-    """'sdpa[kernel=flash]': the backend and the options that differ from its defaults."""
-    name, options = record["attention"], record.get("attention_options") or {}
-    try:
-        from efficient.attention import get_backend, option_defaults
-
-        defaults = {k: getattr(v, "value", v) for k, v in option_defaults(get_backend(name)).items()}
-    except KeyError:  # a backend this version of the suite does not have
-        defaults = {}
+def option_label(name: str, options: dict[str, Any], defaults: dict[str, Any]) -> str:
+    """'sdpa[kernel=flash]': the backend and the options that differ from ``defaults``."""
     changed = [f"{k}={v}" for k, v in options.items() if k not in defaults or defaults[k] != v]
     return f"{name}[{','.join(changed)}]" if changed else name
+
+
+def cell_label(record: dict[str, Any]) -> str:
+    """The record's label, written when it was measured. A version-1 record has none until
+    upgraded (``upgrade``): it is labelled with every option it has."""
+    return record.get("label") or option_label(record["attention"], record.get("attention_options") or {}, {})
+
+
+def upgrade(record: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 record with what version 2 adds: ``label`` and ``exact``, from the backend's
+    defaults and capabilities in this checkout of the suite (needs torch; the defaults may have
+    changed since the record was measured, so this is done once, on purpose)."""
+    if record.get("record_version", 1) >= RECORD_VERSION:
+        return record
+    from efficient.attention import as_value, get_backend, option_defaults
+
+    try:
+        backend = get_backend(record["attention"])
+    except KeyError:  # a backend this version of the suite does not have: labelled with every option
+        return {**record, "record_version": RECORD_VERSION, "label": cell_label(record), "exact": False}
+    defaults = {k: as_value(v) for k, v in option_defaults(backend).items()}
+    caps = backend.capabilities
+    return {**record, "record_version": RECORD_VERSION,
+            "label": option_label(record["attention"], record.get("attention_options") or {}, defaults),
+            "exact": caps.exact and not caps.sparse_mask}
+
+
+def upgrade_folder(root: Path | str) -> int:
+    """Upgrade every version-1 ``result.json`` under ``root`` in place (atomically); returns how many."""
+    count = 0
+    paths: Iterable[Path] = [Path(root)] if Path(root).is_file() else sorted(Path(root).rglob(RESULT_FILE))
+    for path in paths:
+        record = read_record(path)
+        if record is not None and record.get("record_version", 1) < RECORD_VERSION:
+            record.pop("_path")
+            write_atomic(path, upgrade(record))
+            count += 1
+    return count
 
 
 def versions() -> dict[str, str | None]:
@@ -348,3 +387,14 @@ def git_sha() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.records", description="Upgrade version-1 result records "
+                                     "in place: add the label and exactness that version 2 records carry.")
+    parser.add_argument("command", choices=["upgrade"])
+    parser.add_argument("path", type=Path, help="a folder of result.json files (searched recursively), or one file")
+    args = parser.parse_args()
+    print(f"upgraded {upgrade_folder(args.path)} records under {args.path} to version {RECORD_VERSION}")

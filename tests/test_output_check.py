@@ -92,7 +92,7 @@ def test_the_tolerance_is_relative_to_the_output_scale_and_lives_with_the_backen
 
 
 def wrong_and_ok(n, wrong_ms):
-    base = {"bench": "speed", "attention_options": {}, "seq_len": n, "device": "cpu", "dtype": "float32",
+    base = {"bench": "speed", "attention_options": {}, "exact": True, "seq_len": n, "device": "cpu", "dtype": "float32",
             "causal": False, "scope": "attention", "batch_size": 1, "d_model": 64, "n_heads": 2}
     return [
         {**base, "attention": "chunked", "status": "wrong", "reason": "the forward output: NaN", "fwd_bwd_ms": wrong_ms,

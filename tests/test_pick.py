@@ -5,12 +5,22 @@ import json
 import pytest
 
 from bench.analysis.pick import main, pick
+from efficient.attention import backend_names, get_backend
 
 LENGTHS = (1024, 2048, 4096)
 
 
+def exact(attention: str) -> bool:
+    """What a record of ``attention`` says of its exactness (written when measured)."""
+    if attention not in backend_names():
+        return False
+    caps = get_backend(attention).capabilities
+    return caps.exact and not caps.sparse_mask
+
+
 def speed(attention, n, fwd_bwd_ms=None, memory=None, status="ok", reason=None, device="cpu", causal=False, **extra):
-    return {"bench": "speed", "attention": attention, "attention_options": {}, "seq_len": n, "status": status,
+    return {"bench": "speed", "attention": attention, "attention_options": {}, "exact": exact(attention),
+            "record_version": 2, "seq_len": n, "status": status,
             "reason": reason, "device": device, "dtype": "float32", "causal": causal, "scope": "attention",
             "batch_size": 1, "d_model": 512, "n_heads": 8, "fwd_ms": fwd_bwd_ms and fwd_bwd_ms / 3,
             "fwd_bwd_ms": fwd_bwd_ms, "fwd_peak_mem_mib": memory and memory / 2, "fwd_bwd_peak_mem_mib": memory,
@@ -18,7 +28,8 @@ def speed(attention, n, fwd_bwd_ms=None, memory=None, status="ok", reason=None, 
 
 
 def accuracy(attention, task, value):
-    return {"bench": "accuracy", "attention": attention, "attention_options": {}, "task": task, "status": "ok",
+    return {"bench": "accuracy", "attention": attention, "attention_options": {}, "exact": exact(attention),
+            "record_version": 2, "task": task, "status": "ok",
             "metric": "test_accuracy", "value": value, "seq_len": 512, "device": "cpu", "dtype": "float32"}
 
 

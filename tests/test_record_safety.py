@@ -254,7 +254,7 @@ def test_linformer_with_k_beyond_the_length_is_unsupported_not_an_error():
 
 
 def speed_records(lengths):
-    return [a_record(attention=name, seq_len=n, fwd_ms=t * n, fwd_bwd_ms=3 * t * n, fwd_bwd_peak_mem_mib=n / 8,
+    return [a_record(attention=name, exact=True, seq_len=n, fwd_ms=t * n, fwd_bwd_ms=3 * t * n, fwd_bwd_peak_mem_mib=n / 8,
                      fwd_peak_mem_mib=n / 16, causal=False, scope="attention", batch_size=1, d_model=64, n_heads=4)
             for name, t in (("full", 1e-3), ("sdpa", 5e-4)) for n in lengths]
 

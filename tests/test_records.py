@@ -106,3 +106,48 @@ def test_cpu_peak_memory_sees_the_allocator():
 def test_percentiles():
     s = measure.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
     assert s["median"] == 3.0 and s["p20"] < 3.0 < s["p80"]
+
+
+def test_a_record_describes_itself_and_an_upgraded_version_1_record_matches():
+    """Label and exactness are written when measuring; ``upgrade`` gives a version-1 record the same."""
+    flash = speed_record("attention=sdpa", "attention.kernel=math")
+    approximate = speed_record("attention=performer")
+    assert (flash["record_version"], flash["label"], flash["exact"]) == (2, "sdpa[kernel=math]", True)
+    assert (approximate["label"], approximate["exact"]) == ("performer", False)
+    for measured in (flash, approximate):
+        old = {k: v for k, v in measured.items() if k not in ("record_version", "label", "exact")}
+        assert {k: records.upgrade(old)[k] for k in ("label", "exact")} == {k: measured[k] for k in ("label", "exact")}
+
+
+def test_upgrade_rewrites_only_version_1_records(tmp_path):
+    current = speed_record()
+    old = {k: v for k, v in current.items() if k not in ("record_version", "label", "exact")}
+    records.write_atomic(tmp_path / "new" / "result.json", current)
+    records.write_atomic(tmp_path / "old" / "result.json", old)
+    assert records.upgrade_folder(tmp_path) == 1
+    upgraded = json.loads((tmp_path / "old" / "result.json").read_text())
+    assert (upgraded["record_version"], upgraded["label"], upgraded["exact"]) == (2, "full", True)
+    assert records.upgrade_folder(tmp_path) == 0
+
+
+ANALYSIS_COMMANDS = [
+    ("bench.report", ["--csv", "{out}/r.csv"]),
+    ("bench.pick", ["--seq-len", "2048"]),
+    ("bench.analysis.lra_table", []),
+]
+
+
+@pytest.mark.parametrize("module,arguments", ANALYSIS_COMMANDS, ids=[m for m, _ in ANALYSIS_COMMANDS])
+def test_the_analysis_side_runs_without_torch(tmp_path, module, arguments):
+    """report, pick and the LRA table read records alone: with torch unimportable they still run."""
+    import subprocess
+    import sys
+
+    study = Path(__file__).resolve().parent.parent / "results" / "main_job_cpu"
+    argv = [module, str(study), *(a.format(out=tmp_path) for a in arguments)]
+    code = ("import runpy, sys; sys.modules['torch'] = None; "
+            f"sys.argv = {argv!r}; runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "sdpa" in done.stdout and "torch" not in done.stderr

@@ -310,12 +310,13 @@ def test_lra_table_keeps_two_settings_of_one_backend_apart():
     the backend), never a median with the default setting's."""
     from bench.analysis.lra_table import table
 
-    def record(ms, **options):
-        return {"attention": "reformer", "attention_options": options, "seq_len": 4096, "status": "ok",
-                "fwd_bwd_ms": ms, "peak_mem_mib": 100.0}
+    def record(ms, label, **options):  # the label is written when measuring: the options away from the defaults
+        return {"attention": "reformer", "attention_options": options, "label": label, "seq_len": 4096,
+                "status": "ok", "fwd_bwd_ms": ms, "peak_mem_mib": 100.0}
 
     text = table([{"attention": "full", "seq_len": 4096, "status": "ok", "fwd_bwd_ms": 800.0, "peak_mem_mib": 1000.0},
-                  record(400.0, chunk=64, rounds=2), record(200.0, chunk=410, rounds=1, buckets=10)])
+                  record(400.0, "reformer", chunk=64, rounds=2),
+                  record(200.0, "reformer[chunk=410,rounds=1,buckets=10]", chunk=410, rounds=1, buckets=10)])
     assert "| reformer | 4096 | 2.0x / 0.10 | - | 0.8x / 0.24 | 400 / 100 |" in text
     assert "| reformer (chunk=410, rounds=1, buckets=10) | 4096 | 4.0x / 0.10 | - | 0.8x / 0.24 | 200 / 100 |" in text
 
@@ -323,12 +324,13 @@ def test_lra_table_keeps_two_settings_of_one_backend_apart():
 def test_lra_table_puts_listops_accuracy_beside_lra_s_table_1():
     from bench.analysis.lra_table import listops_table
 
-    def record(attention, accuracy, **options):
-        return {"attention": attention, "attention_options": options, "bench": "accuracy", "task": "listops",
+    def record(attention, accuracy, label=None, **options):
+        return {"attention": attention, "attention_options": options, "label": label or attention,
+                "bench": "accuracy", "task": "listops",
                 "status": "ok", "metric": "test_accuracy", "value": accuracy, "peak_mem_mib": 200.0,
                 "extra": {"best_val_accuracy": accuracy + 0.01, "best_step": 600, "train_seconds": 600.0}}
 
-    rows = listops_table([record("full", 0.31), record("local", 0.29, block=8, kernel="auto"),
+    rows = listops_table([record("full", 0.31), record("local", 0.29, "local[block=8]", block=8, kernel="auto"),
                           record("nystrom", 0.33, landmarks=64), {"attention": "linear", "status": "failed"}])
     lines = rows.splitlines()[2:]
     assert lines == ["| nystrom | 33.0% | 34.0% (600) | 10.0 | 200 | no row |",

@@ -20,7 +20,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench.records import load_records
+from bench.records import cell_label, load_records
 
 LENGTHS = (1024, 2048, 3072, 4096)
 # LRA Table 2 (Tay et al. 2021): steps/s and peak memory (GB) at 1K, 2K, 3K, 4K.
@@ -83,12 +83,8 @@ def table(records: list[dict]) -> str:
 
 def options_label(record: dict) -> str:
     """"local (block=8)": the backend and the options its record sets away from the defaults."""
-    from efficient.attention import as_value, get_backend, option_defaults
-
-    defaults = option_defaults(get_backend(record["attention"]))
-    changed = [f"{k}={v}" for k, v in (record.get("attention_options") or {}).items()
-               if k in defaults and as_value(defaults[k]) != v]
-    return f"{record['attention']} ({', '.join(changed)})" if changed else record["attention"]
+    name, _, options = cell_label(record).partition("[")
+    return f"{name} ({options.rstrip(']').replace(',', ', ')})" if options else name
 
 
 def listops_table(records: list[dict]) -> str:

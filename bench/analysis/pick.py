@@ -70,23 +70,18 @@ def finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def is_exact(backend: str) -> bool:
-    """Equal to full softmax attention: not an approximation, nor exact only under a sparse mask."""
-    try:
-        from efficient.attention import get_backend
-
-        capabilities = get_backend(backend).capabilities
-        return capabilities.exact and not capabilities.sparse_mask
-    except KeyError:  # a backend this version of the suite does not know
-        return False
+def is_exact(records: list[dict]) -> bool:
+    """Equal to full softmax attention (not an approximation, nor exact only under a sparse mask),
+    as the records say (``exact``, written when measured; a version-1 record does not say)."""
+    return bool(records) and all(r.get("exact") is True for r in records)
 
 
-def approximation_error(backend: str, records: list[dict], seq_len: int) -> tuple[float, int] | None:
+def approximation_error(records: list[dict], seq_len: int) -> tuple[float, int] | None:
     """An approximate backend's error against full attention, and the length it was measured at:
     the median of ``max_abs_err`` (an approximation) or ``max_abs_err_vs_full`` (a sparse mask)
     at ``seq_len``, else at the longest length with a finite figure. None for an exact backend
     or where none was measured."""
-    if is_exact(backend):
+    if is_exact(records):
         return None
     field_name = "max_abs_err_vs_full" if any(finite(r.get("max_abs_err_vs_full")) for r in records) else "max_abs_err"
     by_length: dict[int, list[float]] = defaultdict(list)
@@ -157,7 +152,10 @@ def pick(records: list[dict[str, Any]], seq_len: int, memory_budget_gib: float |
             excluded.append(Exclusion(name, floor_problem))
             continue
         if not verdict.exact and not allow_approximate and not min_accuracy:
-            excluded.append(Exclusion(name, "not exact attention: recommended only with accuracy evidence "
+            unknown = any("exact" not in r for r in cells)
+            what = ("not known to be exact (records of version 1: `python -m bench.records upgrade PATH` says)"
+                    if unknown else "not exact attention")
+            excluded.append(Exclusion(name, f"{what}: recommended only with accuracy evidence "
                                             "(--min-accuracy TASK=VALUE) or --allow-approximate"))
             continue
         ranked.append(verdict)
@@ -168,7 +166,7 @@ def pick(records: list[dict[str, Any]], seq_len: int, memory_budget_gib: float |
 def assess(name: str, cells: list[dict], seq_len: int, time_field: str, memory_field: str,
            max_extrapolation: float = MAX_EXTRAPOLATION):
     """A Candidate (measured or extrapolated) or the Exclusion that says why not."""
-    backend = cells[0]["attention"]
+    exact = is_exact(cells)
     wrong = sorted((r for r in cells if r["status"] == "wrong"), key=lambda r: r["seq_len"])
     if wrong:  # one wrong output says the backend cannot be trusted in these settings
         return Exclusion(name, f"wrong output at n={wrong[0]['seq_len']}: {wrong[0].get('reason')}")
@@ -176,9 +174,9 @@ def assess(name: str, cells: list[dict], seq_len: int, time_field: str, memory_f
     here = [r for r in usable if r["seq_len"] == seq_len]
     if here:
         basis = f"measured at n={seq_len}" + (f" ({len(here)} records, median)" if len(here) > 1 else "")
-        return Candidate(name, is_exact(backend), statistics.median(r[time_field] for r in here),
+        return Candidate(name, exact, statistics.median(r[time_field] for r in here),
                          statistics.median(r[memory_field] for r in here), basis,
-                         error=approximation_error(backend, usable, seq_len))
+                         error=None if exact else approximation_error(usable, seq_len))
     unsupported = [r for r in cells if r["status"] == "unsupported"]
     failed_here = [r for r in cells if r["seq_len"] == seq_len and r["status"] not in ("ok", "unsupported")]
     if failed_here:
@@ -213,8 +211,8 @@ def assess(name: str, cells: list[dict], seq_len: int, time_field: str, memory_f
     spread = math.exp(max(spread_time, spread_mem)) - 1
     basis = (f"extrapolated {factor:.1f}x from n={lengths[0]}-{lengths[-1]}: time ~ n^{k_time:.2f}, "
              f"memory ~ n^{k_mem:.2f}, fit spread ±{spread:.0%}")
-    return Candidate(name, is_exact(backend), c_time * seq_len**k_time, c_mem * seq_len**k_mem, basis,
-                     extrapolated=True, error=approximation_error(backend, usable, seq_len))
+    return Candidate(name, exact, c_time * seq_len**k_time, c_mem * seq_len**k_mem, basis,
+                     extrapolated=True, error=None if exact else approximation_error(usable, seq_len))
 
 
 def check_accuracy(candidate: Candidate, accuracy: list[dict], floors: dict[str, float]) -> str | None:

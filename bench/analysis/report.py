@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-from bench.analysis.common import SETTINGS, fit_power_law, label, varying_settings
+from bench.analysis.common import SETTINGS, fit_power_law, label, setting, varying_settings
 from bench.records import FIELDS, load_records
 
 # (record field, table title, format)
@@ -50,7 +50,7 @@ def pivot(rows, field, fmt, varying) -> tuple[list[int], dict[str, dict[int, str
 
 def markdown(rows: list[dict[str, Any]], baseline: str | None = None) -> str:
     varying = varying_settings(rows)
-    fixed = [f"{k}={rows[0].get(k)}" for k in SETTINGS if k not in varying]
+    fixed = [f"{k}={setting(rows[0], k)}" for k in SETTINGS if k not in varying]
     devices = sorted({str(r.get("device_name")) for r in rows if r.get("device_name")})
     out = [f"Settings: {', '.join(fixed)}" + (f"; measured on {'; '.join(devices)}" if devices else ""), ""]
     searches = [r for r in rows if r.get("bench") == "maxlen"]
