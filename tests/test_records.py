@@ -151,3 +151,24 @@ def test_the_analysis_side_runs_without_torch(tmp_path, module, arguments):
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "sdpa" in done.stdout and "torch" not in done.stderr
+
+
+def test_report_compares_two_folders_cell_by_cell(tmp_path, capsys):
+    """--compare: the cells both folders hold, side by side with B / A; a cell that did not run
+    in one shows its status; cells in one folder only are counted."""
+    def record(n, ms, machine, status="ok"):
+        return {"attention": "sdpa", "label": "sdpa", "bench": "speed", "status": status, "seq_len": n,
+                "dtype": "float32", "device": "cpu", "device_name": machine, "causal": False, "fwd_ms": ms,
+                "reason": None if status == "ok" else "predicted peak memory exceeds the budget"}
+
+    for folder, machine, cells in (("a", "cpu A", [(1024, 10.0), (2048, 40.0), (4096, 160.0)]),
+                                   ("b", "cpu B", [(1024, 5.0), (2048, 30.0), (8192, 90.0)])):
+        for n, ms in cells:
+            records.write_atomic(tmp_path / folder / str(n) / "result.json", record(n, ms, machine))
+    records.write_atomic(tmp_path / "b" / "4096" / "result.json", record(4096, None, "cpu B", status="oom"))
+    assert report.main([str(tmp_path / "a"), "--compare", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "A = " in out and "(cpu A, commit not recorded)" in out and "(cpu B, commit not recorded)" in out
+    assert "3 cells in both; 0 only in A, 1 only in B." in out
+    assert "| sdpa | 1024 | 10 | 5 | 0.5x |" in out and "| sdpa | 2048 | 40 | 30 | 0.75x |" in out
+    assert "| sdpa | 4096 | 160 | oom | - |" in out

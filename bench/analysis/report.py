@@ -1,18 +1,20 @@
 """Comparison tables over a folder of result records.
 
     python -m bench.report PATH [--markdown FILE] [--csv FILE] [--baseline LABEL]
-                                [--html FILE [--pareto-len N]]
+                                [--html FILE [--pareto-len N]] [--compare OTHER]
 
 Reads every ``result.json`` under PATH and prints, per measured quantity, a table of
 backend x seq_len; a cell that did not run shows its status (oom, unsupported, error), a cell
 whose output was wrong shows ``wrong`` (its figures are not shown), and the reasons are listed
-below the tables.
+below the tables. ``--compare OTHER``: instead, the cells of PATH and OTHER (two commits, two
+machines) side by side, each quantity with OTHER / PATH.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -182,6 +184,64 @@ def baseline_tables(rows: list[dict[str, Any]], baseline: str, varying: tuple[st
     return out
 
 
+COMPARED = [("fwd_ms", "Forward latency, ms"), ("fwd_bwd_ms", "Forward+backward latency, ms"),
+            ("fwd_peak_mem_mib", "Peak memory (forward), MiB"), ("peak_mem_mib", "Peak memory of the step, MiB"),
+            ("value", "Metric value")]
+# What makes two records the same cell across two folders (the machine and the commit may differ).
+CELL_KEY = ("label", "seq_len", *SETTINGS)
+
+
+def cell_key(record: dict[str, Any]) -> tuple:
+    return tuple(str(label(record) if k == "label" else setting(record, k)) for k in CELL_KEY)
+
+
+def provenance(rows: list[dict[str, Any]]) -> str:
+    """'AMD EPYC (2 cores), commit 2f52b27': where and from which commits a folder's records come."""
+    machines = sorted({str(r.get("device_name")) for r in rows if r.get("device_name")})
+    commits = sorted({str(r.get("git_sha"))[:7] for r in rows if r.get("git_sha")})
+    return f"{'; '.join(machines) or 'machine not recorded'}, commit {', '.join(commits) or 'not recorded'}"
+
+
+def compare_markdown(rows: list[dict[str, Any]], others: list[dict[str, Any]], name: str, other_name: str) -> str:
+    """Cells measured in both sets, side by side: each quantity in both and ``other / this``
+    (below 1: ``other`` is faster or smaller). Several records of one cell: their median."""
+    def by_cell(records):
+        cells: dict[tuple, list[dict]] = defaultdict(list)
+        for r in records:
+            cells[cell_key(r)].append(r)
+        return cells
+
+    mine, theirs = by_cell(rows), by_cell(others)
+    shared = sorted(set(mine) & set(theirs), key=lambda k: (k[0], int(k[1]), k[2:]))
+    varying = varying_settings([r for k in shared for r in mine[k] + theirs[k]])
+    out = [f"Comparing A = {name} ({provenance(rows)})", f"with B = {other_name} ({provenance(others)}).", "",
+           f"{len(shared)} cells in both; {len(set(mine) - set(theirs))} only in A, "
+           f"{len(set(theirs) - set(mine))} only in B.", ""]
+
+    def figure(records, field):
+        ok = [r[field] for r in records if r["status"] == "ok" and isinstance(r.get(field), (int, float))]
+        return statistics.median(ok) if ok else None
+
+    def text(records, value):
+        if value is not None:
+            return f"{value:.4g}"
+        return "/".join(sorted({r["status"] for r in records if r["status"] != "ok"})) or "-"
+
+    for field, title in COMPARED:
+        lines = []
+        for key in shared:
+            a, b = figure(mine[key], field), figure(theirs[key], field)
+            if a is None and b is None:
+                continue
+            ratio = f"{b / a:.3g}x" if a and b is not None else "-"
+            lines.append(f"| {label(mine[key][0], varying)} | {key[1]} | {text(mine[key], a)} | "
+                         f"{text(theirs[key], b)} | {ratio} |")
+        if lines:
+            out += [f"**{title}: B / A**", "", "| backend | n | A | B | B / A |", "|---|---:|---:|---:|---:|",
+                    *lines, ""]
+    return "\n".join(out)
+
+
 def write_csv(rows: list[dict[str, Any]], path: Path | str) -> None:
     columns = [k for k in FIELDS if k not in ("config", "versions", "traceback")]
     with open(path, "w", newline="") as f:
@@ -198,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path, help="also write one row per record as CSV here")
     parser.add_argument("--html", type=Path, help="also write a self-contained HTML page with plots (PNGs beside it)")
     parser.add_argument("--pareto-len", type=int, help="the length of the Pareto plot (default: the longest measured)")
+    parser.add_argument("--compare", type=Path, metavar="OTHER", help="another folder of records (another commit "
+                        "or machine): print the cells of both side by side, with OTHER / PATH")
     parser.add_argument("--baseline", help="a backend label (e.g. full, sdpa[kernel=flash]): add tables of "
                         "its time and memory divided by every other backend's")
     args = parser.parse_args(argv)
@@ -207,7 +269,16 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"no result.json under {args.path}", file=sys.stderr)
         return 1
-    text = markdown(rows, args.baseline)
+    if args.compare:
+        if not args.compare.exists():
+            parser.error(f"{args.compare} does not exist")
+        others = load_records(args.compare)
+        if not others:
+            print(f"no result.json under {args.compare}", file=sys.stderr)
+            return 1
+        text = compare_markdown(rows, others, str(args.path), str(args.compare))
+    else:
+        text = markdown(rows, args.baseline)
     print(text)
     try:  # an output file's folder is made if missing; one that cannot be written is a one-line error
         for output in (args.markdown, args.csv, args.html):
