@@ -2,7 +2,8 @@
 
 GPU latency: CUDA events around each repeat, the L2 cache flushed between repeats.
 CPU latency: wall clock (perf_counter) with a fixed, recorded thread count.
-Both: warm-up runs first, then the median and 20th/80th percentiles of the repeats.
+Both, in every bench (``time_ms``): warm-up runs first, then timed runs until there are at least
+``repeats`` of them and they add up to ``min_time_s``; the median and 20th/80th percentiles.
 Peak memory: the allocator's own view, above what was allocated before the step: CUDA's
 peak statistics on GPU; on CPU the PyTorch profiler's allocator events (every tensor
 allocation and free, summed in order), which tracemalloc cannot see.
@@ -95,15 +96,23 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> dict[str, float]:
-    """Median and 20th/80th percentiles of ``fn``'s latency in milliseconds."""
+MAX_REPEATS = 10_000  # a budget never runs more timed repeats than this
+
+
+def time_ms(fn: Callable[[], object], device: str, warmup: int, repeats: int, min_time_s: float = 0.0,
+            max_repeats: int = MAX_REPEATS) -> dict[str, float]:
+    """Median and 20th/80th percentiles of ``fn``'s latency in milliseconds, the number of timed
+    runs (``samples``) and their times (``times_ms``): after ``warmup`` untimed runs, at least ``repeats`` timed runs, and
+    more until they add up to ``min_time_s`` (the time budget of torch.utils.benchmark's
+    ``blocked_autorange``), at most ``max_repeats``. A fast step thus gets enough runs for its
+    percentiles to mean something; a slow one is not run longer than ``repeats`` needs."""
     for _ in range(warmup):
         fn()
     synchronize(device)
-    samples = []
-    if device == "cuda":
-        flush = torch.empty(256 * MIB, dtype=torch.int8, device="cuda")  # larger than H100's L2
-        for _ in range(repeats):
+    samples: list[float] = []
+    flush = torch.empty(256 * MIB, dtype=torch.int8, device="cuda") if device == "cuda" else None  # > H100's L2
+    while len(samples) < max(1, repeats) or (sum(samples) < min_time_s * 1e3 and len(samples) < max_repeats):
+        if flush is not None:
             flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -111,12 +120,11 @@ def time_ms(fn: Callable[[], object], device: str, warmup: int, repeats: int) ->
             end.record()
             torch.cuda.synchronize()
             samples.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
+        else:
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
-    return summarize(samples)
+    return {**summarize(samples), "samples": len(samples), "times_ms": samples}
 
 
 def summarize(samples: list[float]) -> dict[str, float]:

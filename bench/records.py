@@ -72,9 +72,11 @@ FIELDS = {
     "fwd_ms": "median forward latency (no grad), ms",
     "fwd_ms_p20": "20th percentile forward latency, ms",
     "fwd_ms_p80": "80th percentile forward latency, ms",
+    "fwd_samples": "timed runs behind fwd_ms (at least bench.repeats, more until bench.min_time_s)",
     "fwd_bwd_ms": "median forward+backward latency, ms",
     "fwd_bwd_ms_p20": "20th percentile forward+backward latency, ms",
     "fwd_bwd_ms_p80": "80th percentile forward+backward latency, ms",
+    "fwd_bwd_samples": "timed runs behind fwd_bwd_ms",
     "fwd_peak_mem_mib": "peak memory of the forward (no grad) above the inputs, MiB",
     "fwd_bwd_peak_mem_mib": "peak memory of forward+backward above the inputs, MiB",
     "peak_mem_mib": "peak memory of the measured step: forward+backward if measured, else forward",
@@ -297,7 +299,7 @@ def load_records(root: Path | str) -> list[dict[str, Any]]:
 UNHASHED = {"": ("resume", "wandb"), "bench": ("progress", "resume")}
 # Settings added after records existed, left out of the hash at the value that measures what
 # those records measured (so that a study recorded before them still resumes).
-NEUTRAL = {"model": {"n_kv_heads": None}, "bench": {"causal": True}}
+NEUTRAL = {"model": {"n_kv_heads": None}, "bench": {"causal": True, "min_time_s": 0.0}}
 
 
 def config_hash(config: dict[str, Any], device: str | None = None) -> str:

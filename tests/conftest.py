@@ -39,18 +39,34 @@ def _no_wandb_by_default(monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
+TIMED_BENCHES = ("speed", "decode", "xl_eval")  # benches with a time budget (bench.min_time_s)
+
+
+def no_time_budget(overrides) -> list[str]:
+    """``overrides`` plus ``bench.min_time_s=0`` where every bench they name has a time budget and
+    none is set: a test times the runs it asks for (``bench.repeats``), not a second of them. A
+    named study (``experiment=``) keeps its own."""
+    overrides = list(overrides)
+    if any(o.lstrip("+").startswith("experiment=") for o in overrides):
+        return overrides
+    benches = next((o.split("=", 1)[1] for o in overrides if o.startswith("bench=")), "speed").split(",")
+    if all(b in TIMED_BENCHES for b in benches) and not any(o.startswith("bench.min_time_s=") for o in overrides):
+        overrides.append("bench.min_time_s=0")
+    return overrides
+
+
 def compose(*overrides: str):
-    """The real config, composed as run.py would, with test overrides."""
+    """The real config, composed as run.py would, with test overrides (and no time budget)."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        return hydra_compose(config_name="config", overrides=no_time_budget(overrides))
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``python run.py ARGS`` with outputs under ``cwd`` (a temporary folder)."""
     full_env = {**os.environ, "WANDB_MODE": "disabled", "WANDB_SILENT": "true", **(env or {})}
-    cmd = [sys.executable, str(ROOT / "run.py"), *args,
+    cmd = [sys.executable, str(ROOT / "run.py"), *no_time_budget(args),
            f"hydra.run.dir={cwd}/run", f"hydra.sweep.dir={cwd}/sweep"]
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 

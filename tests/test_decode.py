@@ -150,7 +150,7 @@ def test_bench_decode_records_latency_cache_and_bandwidth(tmp_path):
         head_dim = 16
         assert extra["cache_mib"] * 2**20 == 2 * 2 * n_kv_heads * 128 * head_dim * 4  # K and V, 2 layers, fp32
         assert 0 < r["value"] == pytest.approx(extra["achieved_gbs"] / extra["peak_gbs"])
-        assert extra["decode_tokens"] == 4 and r["fwd_ms"] > 0 and extra["prefill_ms"] > 0
+        assert extra["decode_tokens"] == r["fwd_samples"] == 4 and r["fwd_ms"] > 0 and extra["prefill_ms"] > 0
     assert records["full", 1]["extra"]["cache_mib"] * 4 == records["full", 4]["extra"]["cache_mib"]
 
     # pick --decode ranks by the per-token latency of one n_kv_heads setting, the cache in the budget
@@ -233,3 +233,14 @@ def test_the_flop_model_counts_the_smaller_key_value_projection():
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         subject.forward(subject.module)
     assert counter.get_total_flops() == pytest.approx(layer_flops(cfg, cell_shape(cfg, "cpu"))[0], rel=1e-6)
+
+
+def test_decode_times_its_steps_within_the_budget_and_the_cache_it_allocated():
+    """bench=decode with a time budget: at least decode_tokens steps, at most max_decode_tokens,
+    each one decoded into the cache allocated for them."""
+    from bench.harness import run_job
+
+    record = run_job(compose("bench=decode", "attention=full", "seq_len=16", "model.d_model=32", "model.n_heads=2",
+                             "bench.decode_tokens=2", "bench.min_time_s=5", "bench.max_decode_tokens=7"))
+    assert record["status"] == "ok", record["reason"]
+    assert record["fwd_samples"] == record["extra"]["decode_tokens"] == 7

@@ -8,8 +8,9 @@ evaluation mode). Measured:
 - prefill: the time and peak memory of reading the N-token prompt into the cache, in pieces of
   ``bench.prefill_chunk`` tokens (None: all at once), each attending over the cache so far with
   the bottom-right causal alignment (what serving systems call chunked prefill);
-- decode: ``bench.warmup`` untimed steps, then the median latency of ``bench.decode_tokens``
-  single-token steps while the cache grows, tokens/s, and the bytes a step must read: every
+- decode: ``bench.warmup`` untimed steps, then the median latency of single-token steps while
+  the cache grows (at least ``bench.decode_tokens``, more until they add up to
+  ``bench.min_time_s``, at most ``bench.max_decode_tokens``), tokens/s, and the bytes a step must read: every
   weight once and the cache (keys and values of every layer; XL: its memory). Decoding is
   memory-bound, so bytes / time against the device's bandwidth (``bandwidth_fraction``) is
   how close a backend comes to its physical limit: the record's ``value``.
@@ -20,7 +21,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -43,7 +43,9 @@ MAX_DECODE_STEPS = 100_000  # decode_tokens and warmup: a median needs far fewer
 class DecodeBenchConfig:
     name: str = "decode"
     causal: bool = True  # decoding is autoregressive: the top-level ``causal`` follows it, and false is refused
-    decode_tokens: int = 32  # timed single-token steps; the record keeps their median
+    decode_tokens: int = 32  # at least this many timed single-token steps; the record keeps their median
+    min_time_s: float = 1.0  # and timed steps until they add up to this
+    max_decode_tokens: int = 512  # but no more than this many (the cache is allocated for them)
     warmup: int = 2  # untimed steps before them
     prefill_chunk: Optional[int] = None  # prompt tokens per prefill forward; None: the whole prompt
     memory_budget_gib: Optional[float] = None  # None: half the free RAM (CPU), 90% of free GPU memory
@@ -80,11 +82,18 @@ def predicted_prefill_bytes(cfg, device: str, chunk: int) -> float:
     piece = dataclasses.replace(shape, q_len=chunk, k_len=cfg.seq_len)
     core = get_backend(cfg.attention.name).memory_bytes(piece, False, **attention_options(cfg))
     activations = cfg.batch_size * chunk * (cfg.model.d_model * 8 + cfg.model.d_ff * 2) * shape.bytes_per_element
-    capacity = cfg.seq_len + cfg.bench.warmup + cfg.bench.decode_tokens + 1
+    capacity = cfg.seq_len + decode_steps(cfg) + 1
     return cache_bytes(cfg, capacity, shape.bytes_per_element) + core + activations
 
 
 LOGIT_DIMS = ("batch", "position", "token")
+
+
+def decode_steps(cfg) -> int:
+    """The most single-token steps a job takes after the prefill (the checked first step, the
+    warm-up and the timed steps); the cache and the positions are allocated for them."""
+    timed = max(cfg.bench.decode_tokens, cfg.bench.max_decode_tokens if cfg.bench.min_time_s > 0 else 0)
+    return 1 + cfg.bench.warmup + timed
 
 
 def reference_dtype(device: str) -> torch.dtype:
@@ -123,7 +132,7 @@ def check_decode_step(cfg, model, token, logits, reference_states, device: str):
 def run_decode(cfg, device: str, **context) -> dict:
     check_decodable(cfg, device)
     dtype = getattr(torch, cfg.dtype.value)
-    n, b, steps = cfg.seq_len, cfg.batch_size, cfg.bench.warmup + cfg.bench.decode_tokens
+    n, b, steps = cfg.seq_len, cfg.batch_size, decode_steps(cfg)
     chunk = min(cfg.bench.prefill_chunk or n, n)
     predicted = predicted_prefill_bytes(cfg, device, chunk)
     budget = measure.memory_budget_bytes(device, cfg.bench.memory_budget_gib)
@@ -137,15 +146,15 @@ def run_decode(cfg, device: str, **context) -> dict:
     # on CPU, float32 on GPU), when that copy fits beside the prefill; XL keeps its memory instead,
     # and running sums keep no keys to attend over.
     head_dim = cfg.model.d_model // cfg.model.n_heads
-    copy_bytes = b * cfg.model.n_layers * Attention.decoding_state_elements(kv_heads(cfg), head_dim, n + steps + 1) \
+    copy_bytes = b * cfg.model.n_layers * Attention.decoding_state_elements(kv_heads(cfg), head_dim, n + steps) \
         * (8 if device == "cpu" else 4)
     exact = not stateful and not capabilities.constant_state and predicted + copy_bytes <= budget
     make = make_attention(cfg, mem_len=n) if stateful else None  # XL: a memory of the whole context
-    model = language_model(cfg, make, max_len=n + steps + 1).to(device=device, dtype=dtype).eval()
-    tokens = torch.randint(model.encoder.embed.num_embeddings, (b, n + steps + 1), device=device)  # [b, n+steps+1]
+    model = language_model(cfg, make, max_len=n + steps).to(device=device, dtype=dtype).eval()
+    tokens = torch.randint(model.encoder.embed.num_embeddings, (b, n + steps), device=device)  # [b, n+steps]
 
     def prefill():
-        states = None if stateful else empty_caches(model, b, n + steps + 1)
+        states = None if stateful else empty_caches(model, b, n + steps)
         for start in range(0, n, chunk):  # the last piece may be shorter: it ends at the prompt's end
             _, states = model(tokens[:, start : min(start + chunk, n)], states=states)
         return states
@@ -159,35 +168,32 @@ def run_decode(cfg, device: str, **context) -> dict:
         # Untimed, under the profiler: the prefill's peak memory and kernels (and any compilation),
         # then one decode step's kernels (which kernel decodes a single query).
         prefill_peak, prefill_ops = measure.profile_step(prefill, device)
-        measure.synchronize(device)
-        started = time.perf_counter()
-        states = prefill()  # timed: its cache is the one decoded against
-        measure.synchronize(device)
-        prefill_ms = (time.perf_counter() - started) * 1e3
+        prefilled = []
+        prefill_ms = measure.time_ms(lambda: prefilled.append(prefill()), device, warmup=0, repeats=1)["median"]
+        states = prefilled.pop()  # the timed prefill's cache is the one decoded against
         before_first_step = [copy_cache(state, reference_dtype(device)) for state in states] if exact else None
         first: list[torch.Tensor] = []
         _, decode_ops = measure.profile_step(lambda: first.append(step(0)), device)  # which kernels decode one query
         exact_error, problem = check_decode_step(cfg, model, tokens[:, n : n + 1], first[0], before_first_step, device)
         before_first_step = None  # freed before the timed steps
-        for i in range(1, 1 + cfg.bench.warmup):
-            step(i)
-        times_ms, lengths = [], []
-        for i in range(1 + cfg.bench.warmup, 1 + steps):
-            measure.synchronize(device)
-            started = time.perf_counter()
-            step_logits = step(i)
-            measure.synchronize(device)
-            times_ms.append((time.perf_counter() - started) * 1e3)
-            lengths.append(n + i + 1)  # keys the step attended over
-        problem = problem or nonfinite(step_logits, "the last decode step's logits", LOGIT_DIMS)
+        lengths = []  # keys each step attended over
+        last = first
+
+        def next_step():
+            last[0] = step(len(lengths) + 1)
+            lengths.append(n + len(lengths) + 2)
+
+        t = measure.time_ms(next_step, device, warmup=cfg.bench.warmup, repeats=cfg.bench.decode_tokens,
+                            min_time_s=cfg.bench.min_time_s, max_repeats=steps - 1 - cfg.bench.warmup)
+        times_ms, lengths = t["times_ms"], lengths[cfg.bench.warmup:]
+        problem = problem or nonfinite(last[0], "the last decode step's logits", LOGIT_DIMS)
     element = torch.tensor([], dtype=dtype).element_size()
     weights = sum(p.numel() for name, p in model.named_parameters() if "positions" not in name) * element
     read = [weights + cache_bytes(cfg, length, element, read=True) for length in lengths]  # bytes each step reads
     achieved_gbs = measure.summarize([r / (t / 1e3) / 1e9 for r, t in zip(read, times_ms)])["median"]
     peak_gbs, peak_source = measure.peak_bandwidth(device)
-    t = measure.summarize(times_ms)
     result = {
-        "fwd_ms": t["median"], "fwd_ms_p20": t["p20"], "fwd_ms_p80": t["p80"],
+        "fwd_ms": t["median"], "fwd_ms_p20": t["p20"], "fwd_ms_p80": t["p80"], "fwd_samples": t["samples"],
         "fwd_tokens_per_s": b / (t["median"] / 1e3),
         "fwd_peak_mem_mib": prefill_peak / MIB, "peak_mem_mib": prefill_peak / MIB,
         "predicted_mem_mib": predicted / MIB, "attention_ops": decode_ops,
@@ -212,6 +218,7 @@ def run_decode(cfg, device: str, **context) -> dict:
 register_bench(Bench(
     "decode", DecodeBenchConfig, run_decode,
     bounds={"decode_tokens": Bound(1, high=MAX_DECODE_STEPS), "warmup": Bound(0, high=MAX_DECODE_STEPS),
+            "max_decode_tokens": Bound(1, high=MAX_DECODE_STEPS), "min_time_s": Bound(0),
             "prefill_chunk": Bound(1),
             "memory_budget_gib": Bound(0, open=True), "threads": Bound(1)},
 ))

@@ -34,7 +34,8 @@ class SpeedBenchConfig:
     name: str = "speed"
     scope: Scope = Scope.attention
     warmup: int = 2  # untimed runs before timing (also compiles / autotunes)
-    repeats: int = 10  # timed runs; the record keeps the median and the 20th/80th percentiles
+    repeats: int = 10  # at least this many timed runs; the record keeps the median and 20th/80th percentiles
+    min_time_s: float = 1.0  # and timed runs until they add up to this (a fast step gets more of them)
     backward: bool = True  # also time and measure forward+backward
     check_error: bool = True  # max_abs_err against the exact reference (fp64 CPU / fp32 GPU); NaN/Inf always
     memory_budget_gib: Optional[float] = None  # None: half the free RAM (CPU), 90% of free GPU memory
@@ -84,7 +85,8 @@ def run_speed(cfg, device: str, **context) -> dict:
         )
 
     subject = build_subject(cfg, device, dtype)
-    module, warmup, repeats = subject.module, cfg.bench.warmup, cfg.bench.repeats
+    module = subject.module
+    budget = dict(warmup=cfg.bench.warmup, repeats=cfg.bench.repeats, min_time_s=cfg.bench.min_time_s)
 
     def fwd():
         with torch.no_grad():
@@ -101,10 +103,10 @@ def run_speed(cfg, device: str, **context) -> dict:
     fwd()  # the first call compiles (flex), autotunes or initialises: timed apart
     measure.synchronize(device)
     result["first_call_s"] = time.perf_counter() - started
-    t = measure.time_ms(fwd, device, warmup, repeats)
+    t = measure.time_ms(fwd, device, **budget)
     peak, ops = measure.profile_step(fwd, device)
     result.update(
-        fwd_ms=t["median"], fwd_ms_p20=t["p20"], fwd_ms_p80=t["p80"],
+        fwd_ms=t["median"], fwd_ms_p20=t["p20"], fwd_ms_p80=t["p80"], fwd_samples=t["samples"],
         fwd_tokens_per_s=tokens / (t["median"] / 1e3), flops_fwd=flops_fwd,
         tflops=flops_fwd / (t["median"] / 1e3) / 1e12,
         fwd_peak_mem_mib=peak / MIB, peak_mem_mib=peak / MIB, attention_ops=ops,
@@ -114,11 +116,11 @@ def run_speed(cfg, device: str, **context) -> dict:
         result["note"] = f"forward only: {backend.name} has no backward on {device}" + option_words(cfg)
         training = False
     if training:
-        t = measure.time_ms(fwd_bwd, device, warmup, repeats)
+        t = measure.time_ms(fwd_bwd, device, **budget)
         wrong = gradient_problem(module)
         module.zero_grad(set_to_none=True)
         result.update(
-            fwd_bwd_ms=t["median"], fwd_bwd_ms_p20=t["p20"], fwd_bwd_ms_p80=t["p80"],
+            fwd_bwd_ms=t["median"], fwd_bwd_ms_p20=t["p20"], fwd_bwd_ms_p80=t["p80"], fwd_bwd_samples=t["samples"],
             fwd_bwd_tokens_per_s=tokens / (t["median"] / 1e3),
             fwd_bwd_tflops=flops_fwd_bwd / (t["median"] / 1e3) / 1e12,
             fwd_bwd_peak_mem_mib=measure.peak_memory_bytes(fwd_bwd, device) / MIB,
@@ -144,6 +146,6 @@ def run_speed(cfg, device: str, **context) -> dict:
 
 register_bench(Bench(
     "speed", SpeedBenchConfig, run_speed,
-    bounds={"warmup": Bound(0), "repeats": Bound(1), "memory_budget_gib": Bound(0, open=True),
+    bounds={"warmup": Bound(0), "repeats": Bound(1), "min_time_s": Bound(0), "memory_budget_gib": Bound(0, open=True),
             "threads": Bound(1), "pad_fraction": Bound(0, high=1)},
 ))
