@@ -23,8 +23,11 @@ class SweepReport(Callback):
         try:
             self.report(config)
         except Exception as e:  # Hydra would turn this into a warning that is easy to miss
-            print(f"sweep report not written ({type(e).__name__}: {e}); the records are intact: "
-                  f"python -m bench.report {config.hydra.sweep.dir}", file=sys.stderr)
+            print(
+                f"sweep report not written ({type(e).__name__}: {e}); the records are intact: "
+                f"python -m bench.report {config.hydra.sweep.dir}",
+                file=sys.stderr,
+            )
 
     def report(self, config) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

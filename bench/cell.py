@@ -18,8 +18,16 @@ from torch import nn
 
 from bench import measure, records
 from bench.tasks import get_task
-from efficient.attention import (Attention, Shape, Unsupported, as_value, attention_factory, get_backend,
-                                 option_defaults, training_flops)
+from efficient.attention import (
+    Attention,
+    Shape,
+    Unsupported,
+    as_value,
+    attention_factory,
+    get_backend,
+    option_defaults,
+    training_flops,
+)
 from efficient.models import CausalLM, EncoderClassifier, ModelSize
 
 
@@ -54,8 +62,14 @@ class PredictedOOM(Exception):
 def model_size(model) -> ModelSize:
     """The library's ModelSize from a ``model`` config node (enums or their plain values)."""
     return ModelSize(
-        model.d_model, model.n_heads, model.n_layers, model.d_ff, model.dropout,
-        as_value(model.norm), as_value(model.positional), model.get("n_kv_heads"),
+        model.d_model,
+        model.n_heads,
+        model.n_layers,
+        model.d_ff,
+        model.dropout,
+        as_value(model.norm),
+        as_value(model.positional),
+        model.get("n_kv_heads"),
     )
 
 
@@ -65,7 +79,7 @@ def attention_options(cfg) -> dict:
 
 
 def option_words(cfg) -> str:
-    """" with kernel=flex": the options the config sets away from the backend's defaults ("" if none)."""
+    """ " with kernel=flex": the options the config sets away from the backend's defaults ("" if none)."""
     defaults = option_defaults(get_backend(cfg.attention.name))
     changed = [f"{k}={v}" for k, v in attention_options(cfg).items() if k in defaults and as_value(defaults[k]) != v]
     return f" with {', '.join(changed)}" if changed else ""
@@ -96,8 +110,13 @@ def build_model(cfg, make: Callable[[int], Attention] | None = None) -> CausalLM
     if cfg.causal:
         return language_model(cfg, make)
     task = get_task(cfg.task.name)
-    return EncoderClassifier(task.vocab_size(cfg.task), task.n_classes(cfg.task), cfg.seq_len,
-                             model_size(cfg.model), make or make_attention(cfg))
+    return EncoderClassifier(
+        task.vocab_size(cfg.task),
+        task.n_classes(cfg.task),
+        cfg.seq_len,
+        model_size(cfg.model),
+        make or make_attention(cfg),
+    )
 
 
 def resolved_device(cfg) -> str:
@@ -128,9 +147,14 @@ def cell_shape(cfg, device: str) -> Shape:
     dtype = getattr(torch, as_value(cfg.dtype))
     memory = cfg.attention.get("mem_len", 0) or 0  # Transformer-XL keys: [memory ; segment]
     return Shape(
-        batch=cfg.batch_size, n_heads=cfg.model.n_heads, head_dim=cfg.model.d_model // cfg.model.n_heads,
-        q_len=cfg.seq_len, k_len=cfg.seq_len + memory, causal=cfg.causal,
-        bytes_per_element=torch.tensor([], dtype=dtype).element_size(), device=device,
+        batch=cfg.batch_size,
+        n_heads=cfg.model.n_heads,
+        head_dim=cfg.model.d_model // cfg.model.n_heads,
+        q_len=cfg.seq_len,
+        k_len=cfg.seq_len + memory,
+        causal=cfg.causal,
+        bytes_per_element=torch.tensor([], dtype=dtype).element_size(),
+        device=device,
         n_kv_heads=cfg.model.get("n_kv_heads"),
     )
 

@@ -66,9 +66,14 @@ class Config:
 # checked). Each bench, task and backend bounds its own (``bounds``, ``option_bounds``). The
 # schema checks types, these the values.
 BOUNDS = {
-    "seq_len": Bound(1), "batch_size": Bound(1),
-    "model.d_model": Bound(1), "model.n_heads": Bound(1), "model.n_layers": Bound(1), "model.d_ff": Bound(1),
-    "model.dropout": Bound(0, high=1), "model.n_kv_heads": Bound(1),
+    "seq_len": Bound(1),
+    "batch_size": Bound(1),
+    "model.d_model": Bound(1),
+    "model.n_heads": Bound(1),
+    "model.n_layers": Bound(1),
+    "model.d_ff": Bound(1),
+    "model.dropout": Bound(0, high=1),
+    "model.n_kv_heads": Bound(1),
 }
 
 
@@ -79,9 +84,11 @@ class InvalidValue(CompactHydraException):
 def value_problems(cfg) -> list[str]:
     """One sentence per setting of ``cfg`` outside its valid range (empty when all are valid)."""
     bounds = dict(BOUNDS)
-    for group, own in (("attention", get_backend(cfg.attention.name).option_bounds),
-                       ("bench", benches.get_bench(cfg.bench.name).bounds),
-                       ("task", tasks.get_task(cfg.task.name).bounds)):
+    for group, own in (
+        ("attention", get_backend(cfg.attention.name).option_bounds),
+        ("bench", benches.get_bench(cfg.bench.name).bounds),
+        ("task", tasks.get_task(cfg.task.name).bounds),
+    ):
         bounds.update({f"{group}.{k}": b for k, b in own.items()})
     problems = []
     for key, bound in bounds.items():
@@ -90,16 +97,21 @@ def value_problems(cfg) -> list[str]:
             problems.append(f"{key}={value} is out of range: {key} must be {bound}")
     d_model, n_heads = cfg.model.d_model, cfg.model.n_heads
     if n_heads >= 1 and d_model % n_heads:
-        problems.append(f"model.d_model={d_model} is not a multiple of model.n_heads={n_heads}: "
-                        f"every head needs the same width")
+        problems.append(
+            f"model.d_model={d_model} is not a multiple of model.n_heads={n_heads}: every head needs the same width"
+        )
     bench_causal = cfg.bench.get("causal")  # a bench that measures one setting only (decode: causal)
     if bench_causal is not None and cfg.causal != bench_causal:
-        problems.append(f"bench={cfg.bench.name} runs only with causal={str(bench_causal).lower()}: "
-                        f"drop causal={str(cfg.causal).lower()}")
+        problems.append(
+            f"bench={cfg.bench.name} runs only with causal={str(bench_causal).lower()}: "
+            f"drop causal={str(cfg.causal).lower()}"
+        )
     n_kv_heads = cfg.model.get("n_kv_heads")
     if n_kv_heads is not None and n_kv_heads >= 1 and n_heads % n_kv_heads:
-        problems.append(f"model.n_kv_heads={n_kv_heads} does not divide model.n_heads={n_heads}: "
-                        f"each key/value head serves a group of n_heads / n_kv_heads query heads")
+        problems.append(
+            f"model.n_kv_heads={n_kv_heads} does not divide model.n_heads={n_heads}: "
+            f"each key/value head serves a group of n_heads / n_kv_heads query heads"
+        )
     return problems
 
 

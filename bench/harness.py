@@ -33,8 +33,12 @@ def new_record(cfg) -> dict:
     record.update(describe_cell(cfg))
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     record.update(
-        config=config, config_hash=cell_hash(cfg), versions=records.versions(),
-        git_sha=records.git_sha(), host=socket.gethostname(), pid=os.getpid(),
+        config=config,
+        config_hash=cell_hash(cfg),
+        versions=records.versions(),
+        git_sha=records.git_sha(),
+        host=socket.gethostname(),
+        pid=os.getpid(),
     )
     return record
 
@@ -119,9 +123,12 @@ def allotted_cores() -> int:
 def check_supported(cfg, device: str) -> None:
     backend = get_backend(cfg.attention.name)
     cell = Setting(
-        device=device, dtype=cfg.dtype.value, causal=cfg.causal,
+        device=device,
+        dtype=cfg.dtype.value,
+        causal=cfg.causal,
         key_padding_mask=cfg.bench.get("pad_fraction", 0) > 0,
-        head_dim=cfg.model.d_model // cfg.model.n_heads, seq_len=cfg.seq_len,
+        head_dim=cfg.model.d_model // cfg.model.n_heads,
+        seq_len=cfg.seq_len,
         grouped_query=kv_heads(cfg) != cfg.model.n_heads,
     )
     reason = backend.unsupported_reason(cell, **attention_options(cfg))

@@ -99,12 +99,18 @@ def synchronize(device: str) -> None:
 MAX_REPEATS = 10_000  # a budget never runs more timed repeats than this
 
 
-def time_ms(fn: Callable[[], object], device: str, warmup: int, repeats: int, min_time_s: float = 0.0,
-            max_repeats: int = MAX_REPEATS) -> dict[str, float]:
+def time_ms(
+    fn: Callable[[], object],
+    device: str,
+    warmup: int,
+    repeats: int,
+    min_time_s: float = 0.0,
+    max_repeats: int = MAX_REPEATS,
+) -> dict[str, float]:
     """Median and 20th/80th percentiles of ``fn``'s latency in milliseconds, the number of timed
-    runs (``samples``) and their times (``times_ms``): after ``warmup`` untimed runs, at least ``repeats`` timed runs, and
-    more until they add up to ``min_time_s`` (the time budget of torch.utils.benchmark's
-    ``blocked_autorange``), at most ``max_repeats``. A fast step thus gets enough runs for its
+    runs (``samples``) and their times (``times_ms``): after ``warmup`` untimed runs, at least
+    ``repeats`` timed runs, and more until they add up to ``min_time_s`` (the time budget of
+    torch.utils.benchmark's ``blocked_autorange``), at most ``max_repeats``. A fast step thus gets enough runs for its
     percentiles to mean something; a slow one is not run longer than ``repeats`` needs."""
     for _ in range(warmup):
         fn()

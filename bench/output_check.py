@@ -45,8 +45,9 @@ def nonfinite(tensor: torch.Tensor, what: str, dims: Sequence[str] = ()) -> str 
     return f"{what}: {int(bad.sum()):,} {kinds} value(s) of {tensor.numel():,}, the first at {position(first, dims)}"
 
 
-def beyond_tolerance(output: torch.Tensor, reference: torch.Tensor, tolerance: float, what: str,
-                     dims: Sequence[str] = ()) -> tuple[float, str | None]:
+def beyond_tolerance(
+    output: torch.Tensor, reference: torch.Tensor, tolerance: float, what: str, dims: Sequence[str] = ()
+) -> tuple[float, str | None]:
     """(max |output - reference|, a sentence when it exceeds ``tolerance`` x the reference's scale)."""
     difference = (output.detach().to(reference.dtype) - reference).abs()
     error = difference.max().item()
@@ -54,12 +55,15 @@ def beyond_tolerance(output: torch.Tensor, reference: torch.Tensor, tolerance: f
     if error <= tolerance * scale:
         return error, None
     where = [int(i) for i in torch.unravel_index(difference.argmax(), difference.shape)]
-    return error, (f"{what}: |output - exact reference| reaches {error:.3g} at {position(where, dims)}, beyond "
-                   f"the backend's tolerance {tolerance:g} x output scale {scale:.3g} = {tolerance * scale:.3g}")
+    return error, (
+        f"{what}: |output - exact reference| reaches {error:.3g} at {position(where, dims)}, beyond "
+        f"the backend's tolerance {tolerance:g} x output scale {scale:.3g} = {tolerance * scale:.3g}"
+    )
 
 
-def check_exact(attention: str, dtype: str, output: torch.Tensor, reference: torch.Tensor, what: str,
-                dims: Sequence[str] = ()) -> tuple[float, str | None]:
+def check_exact(
+    attention: str, dtype: str, output: torch.Tensor, reference: torch.Tensor, what: str, dims: Sequence[str] = ()
+) -> tuple[float, str | None]:
     """(max abs error, why the output is wrong or None): NaN/Inf always; the tolerance when the
     backend is exact."""
     if problem := nonfinite(output, what, dims):

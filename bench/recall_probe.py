@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from bench.stream_eval import load_job
 from bench.tasks.data import Split, accuracy_of
 from bench.tasks.recall import recall_splits
-from bench.stream_eval import load_job
 from efficient.datasets import recall
 
 REGIONS = ("value", "key", "other values", "other keys", "filler", "queries")
@@ -51,8 +51,14 @@ def attention_mass(model, split: Split, n_pairs: int, batch_size: int) -> torch.
                 query_start = int(torch.nonzero(labels[i] != recall.IGNORE)[0])
                 row = probs[i, :, :, t]  # [L, h, n]
                 values, keys = row[..., 1 : 2 * n_pairs : 2].sum(-1), row[..., 0 : 2 * n_pairs : 2].sum(-1)
-                parts = [row[..., key_at + 1], row[..., key_at], values - row[..., key_at + 1], keys - row[..., key_at],
-                         row[..., 2 * n_pairs : query_start].sum(-1), row[..., query_start : t + 1].sum(-1)]
+                parts = [
+                    row[..., key_at + 1],
+                    row[..., key_at],
+                    values - row[..., key_at + 1],
+                    keys - row[..., key_at],
+                    row[..., 2 * n_pairs : query_start].sum(-1),
+                    row[..., query_start : t + 1].sum(-1),
+                ]
                 mass = torch.stack(parts, dim=-1)  # [L, h, regions]
                 sums = mass if sums is None else sums + mass
                 count += 1
@@ -71,9 +77,13 @@ def probe(job: Path, examples: int = 1000) -> str:
     model.eval()
     mass = attention_mass(model, first["test"], cfg.task.n_pairs, cfg.batch_size)
     options = ", ".join(f"{k}={v}" for k, v in record["attention_options"].items())
-    lines = [f"**{record['attention']} ({options})**: accuracy on the first {examples} sequences: "
-             + ", ".join(f"{name} {100 * a:.1f}%" for name, a in accuracy.items()),
-             "", "| layer.head | " + " | ".join(REGIONS) + " | prev@values |", "|---|" + "---:|" * (len(REGIONS) + 1)]
+    lines = [
+        f"**{record['attention']} ({options})**: accuracy on the first {examples} sequences: "
+        + ", ".join(f"{name} {100 * a:.1f}%" for name, a in accuracy.items()),
+        "",
+        "| layer.head | " + " | ".join(REGIONS) + " | prev@values |",
+        "|---|" + "---:|" * (len(REGIONS) + 1),
+    ]
     for layer in range(mass.shape[0]):
         for head in range(mass.shape[1]):
             lines.append(f"| {layer}.{head} | " + " | ".join(f"{v:.3f}" for v in mass[layer, head].tolist()) + " |")

@@ -48,7 +48,7 @@ FIELDS = {
     "attention_options": "the backend's options, every one resolved, e.g. {'kernel': 'flash', 'scale': None}",
     "label": "the backend and the options set away from its defaults when measured, e.g. 'sdpa[kernel=flash]'",
     "exact": "true: equal to full softmax attention up to rounding; false: an approximation, or exact "
-             "only under its own sparse mask",
+    "only under its own sparse mask",
     "bench": "speed | accuracy",
     "task": "synthetic or a data task",
     "scope": "attention (one layer) | model (the whole stack)",
@@ -65,10 +65,10 @@ FIELDS = {
     "device_name": "CPU model or GPU name",
     "threads": "CPU threads used (torch.get_num_threads)",
     "status": "ok | oom | unsupported | wrong (measured, but the output is NaN/Inf or an exact backend's "
-              "is beyond its tolerance: its figures must not be used) | error",
+    "is beyond its tolerance: its figures must not be used) | error",
     "reason": "for anything but ok: a human sentence",
     "final": "true: the status holds for this cell on any machine, and resume=true skips it; false: it "
-             "depends on this machine (no CUDA, a package missing) or is an error, and resume=true runs it again",
+    "depends on this machine (no CUDA, a package missing) or is an error, and resume=true runs it again",
     "fwd_ms": "median forward latency (no grad), ms",
     "fwd_ms_p20": "20th percentile forward latency, ms",
     "fwd_ms_p80": "80th percentile forward latency, ms",
@@ -112,12 +112,26 @@ FIELDS = {
 
 # The figures a bench measures: in a record that is not ``ok`` (a ``wrong`` one keeps them) they
 # must not be read as results (W&B files them under ``unverified``).
-MEASUREMENTS = tuple(FIELDS)[tuple(FIELDS).index("fwd_ms"):tuple(FIELDS).index("value") + 1]
+MEASUREMENTS = tuple(FIELDS)[tuple(FIELDS).index("fwd_ms") : tuple(FIELDS).index("value") + 1]
 # What a reader may rely on a field being, when it is present and not null.
 TYPES: dict[str, tuple[type, ...]] = {
-    "attention": (str,), "bench": (str,), "status": (str,), "dtype": (str,), "device": (str,),
-    "seq_len": (int,), "batch_size": (int,), "n_heads": (int,), "n_kv_heads": (int,), "d_model": (int,),
-    "causal": (bool,), "attention_options": (dict,), "label": (str,), "exact": (bool,), "reason": (str,), "metric": (str,), "extra": (dict,),
+    "attention": (str,),
+    "bench": (str,),
+    "status": (str,),
+    "dtype": (str,),
+    "device": (str,),
+    "seq_len": (int,),
+    "batch_size": (int,),
+    "n_heads": (int,),
+    "n_kv_heads": (int,),
+    "d_model": (int,),
+    "causal": (bool,),
+    "attention_options": (dict,),
+    "label": (str,),
+    "exact": (bool,),
+    "reason": (str,),
+    "metric": (str,),
+    "extra": (dict,),
     **{k: (int, float) for k in MEASUREMENTS if k not in ("attention_ops", "note", "reference", "metric")},
 }
 
@@ -240,13 +254,17 @@ def place(folder: Path | str, record: dict[str, Any]) -> tuple[Path, str]:
         current = read_record(target) if target.exists() else None
         if current is not None and current.get("config_hash") != record.get("config_hash"):
             path, _ = place(folder / f"cell-{record.get('config_hash')}", record)
-            return path, (f"{target} holds another cell's record ({current['attention']}, n={current['seq_len']}); "
-                          f"this record is written to {path} instead")
+            return path, (
+                f"{target} holds another cell's record ({current['attention']}, n={current['seq_len']}); "
+                f"this record is written to {path} instead"
+            )
         if current is not None and rank(current) > rank(record):
             path = aside_path(folder, "rejected")
             write_atomic(path, record)
-            return path, (f"kept the earlier {current['status']} record {target}; this {record.get('status')} "
-                          f"record is kept beside it as {path.name}")
+            return path, (
+                f"kept the earlier {current['status']} record {target}; this {record.get('status')} "
+                f"record is kept beside it as {path.name}"
+            )
         note = ""
         if target.exists():  # the same cell measured again (or a damaged file): keep the old one
             kept = aside_path(folder, "superseded")
@@ -266,21 +284,30 @@ def read_record(path: Path) -> dict[str, Any] | None:
         with open(path) as f:
             record = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        warnings.warn(f"skipped {path}: not a readable JSON record ({type(e).__name__}: {e})", RecordWarning)
+        warnings.warn(
+            f"skipped {path}: not a readable JSON record ({type(e).__name__}: {e})", RecordWarning, stacklevel=2
+        )
         return None
     if not isinstance(record, dict):
-        warnings.warn(f"skipped {path}: a record is a JSON object, not a {type(record).__name__}", RecordWarning)
+        warnings.warn(
+            f"skipped {path}: a record is a JSON object, not a {type(record).__name__}", RecordWarning, stacklevel=2
+        )
         return None
     missing = [k for k in REQUIRED if k not in record]
     if missing:
-        warnings.warn(f"skipped {path}: not a result record (missing {', '.join(missing)})", RecordWarning)
+        warnings.warn(
+            f"skipped {path}: not a result record (missing {', '.join(missing)})", RecordWarning, stacklevel=2
+        )
         return None
     if record["status"] not in STATUSES:
-        warnings.warn(f"skipped {path}: status {record['status']!r} is not one of {', '.join(STATUSES)}",
-                      RecordWarning)
+        warnings.warn(
+            f"skipped {path}: status {record['status']!r} is not one of {', '.join(STATUSES)}",
+            RecordWarning,
+            stacklevel=2,
+        )
         return None
     if problem := type_problem(record):
-        warnings.warn(f"skipped {path}: {problem}", RecordWarning)
+        warnings.warn(f"skipped {path}: {problem}", RecordWarning, stacklevel=2)
         return None
     record["_path"] = str(path)
     return record
@@ -346,9 +373,12 @@ def upgrade(record: dict[str, Any]) -> dict[str, Any]:
         return {**record, "record_version": RECORD_VERSION, "label": cell_label(record), "exact": False}
     defaults = {k: as_value(v) for k, v in option_defaults(backend).items()}
     caps = backend.capabilities
-    return {**record, "record_version": RECORD_VERSION,
-            "label": option_label(record["attention"], record.get("attention_options") or {}, defaults),
-            "exact": caps.exact and not caps.sparse_mask}
+    return {
+        **record,
+        "record_version": RECORD_VERSION,
+        "label": option_label(record["attention"], record.get("attention_options") or {}, defaults),
+        "exact": caps.exact and not caps.sparse_mask,
+    }
 
 
 def upgrade_folder(root: Path | str) -> int:
@@ -383,7 +413,10 @@ def versions() -> dict[str, str | None]:
 def git_sha() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).resolve().parent,
         )
     except (OSError, subprocess.TimeoutExpired):
@@ -394,8 +427,11 @@ def git_sha() -> str | None:
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m bench.records", description="Upgrade version-1 result records "
-                                     "in place: add the label and exactness that version 2 records carry.")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.records",
+        description="Upgrade version-1 result records "
+        "in place: add the label and exactness that version 2 records carry.",
+    )
     parser.add_argument("command", choices=["upgrade"])
     parser.add_argument("path", type=Path, help="a folder of result.json files (searched recursively), or one file")
     args = parser.parse_args()

@@ -46,8 +46,15 @@ def skip_if_recorded(root: Path, record: dict, output_dir: Path) -> dict | None:
     earlier = previous(root, record["config_hash"])
     for done in earlier:
         if is_final(done):
-            records.write_atomic(output_dir / SKIPPED_FILE, {"result": done["_path"], "status": done["status"],
-                                                             "config_hash": record["config_hash"], "at": time.time()})
+            records.write_atomic(
+                output_dir / SKIPPED_FILE,
+                {
+                    "result": done["_path"],
+                    "status": done["status"],
+                    "config_hash": record["config_hash"],
+                    "at": time.time(),
+                },
+            )
             return done
     return None
 

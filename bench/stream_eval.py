@@ -43,8 +43,10 @@ def load_job(job: Path, device: str = "cpu", task: str = "charlm") -> tuple[dict
     record = json.loads(record_path.read_text())
     config = record["config"]
     if config["bench"]["name"] != "accuracy" or config["task"]["name"] != task or record["status"] != "ok":
-        raise ValueError(f"{job} is not a finished {task} accuracy job "
-                         f"(bench={config['bench']['name']}, task={config['task']['name']}, status={record['status']})")
+        raise ValueError(
+            f"{job} is not a finished {task} accuracy job "
+            f"(bench={config['bench']['name']}, task={config['task']['name']}, status={record['status']})"
+        )
     model = language_model(OmegaConf.create(config)).to(device)
     model.load_state_dict(torch.load(weights, weights_only=True, map_location=device))
     return record, model.eval()
@@ -60,25 +62,39 @@ def evaluate(job: Path, eval_mem_lens: list[int], out: Path | None = None, devic
     written = []
     for mem_len in eval_mem_lens:
         started = time.perf_counter()
-        bpc = {split: evaluate_stream(model, data.columns[split], config["seq_len"], mem_len=mem_len) / math.log(2)
-               for split in ("val", "test")}
+        bpc = {
+            split: evaluate_stream(model, data.columns[split], config["seq_len"], mem_len=mem_len) / math.log(2)
+            for split in ("val", "test")
+        }
         derived = copy.deepcopy(record)
         derived["config"]["attention"]["eval_mem_len"] = mem_len
         derived["attention_options"] = {**record["attention_options"], "eval_mem_len": mem_len}
         derived.update(
-            value=bpc["test"], config_hash=records.config_hash(derived["config"]),
-            wall_s=time.perf_counter() - started, threads=torch.get_num_threads(),
-            git_sha=records.git_sha(), versions=records.versions(),
-            note=(f"bench.stream_eval: the job {record['config_hash']}'s best weights (mem_len="
-                  f"{config['attention'].get('mem_len')}) read with eval_mem_len={mem_len}; training figures are that job's"),
+            value=bpc["test"],
+            config_hash=records.config_hash(derived["config"]),
+            wall_s=time.perf_counter() - started,
+            threads=torch.get_num_threads(),
+            git_sha=records.git_sha(),
+            versions=records.versions(),
+            note=(
+                f"bench.stream_eval: the job {record['config_hash']}'s best weights (mem_len="
+                f"{config['attention'].get('mem_len')}) read with eval_mem_len={mem_len}; "
+                "training figures are that job's"
+            ),
         )
-        derived["extra"] = {**record["extra"], "val_bpc": bpc["val"], "evaluated_from": str(job),
-                            "trained_config_hash": record["config_hash"], "trained_git_sha": record.get("git_sha")}
+        derived["extra"] = {
+            **record["extra"],
+            "val_bpc": bpc["val"],
+            "evaluated_from": str(job),
+            "trained_config_hash": record["config_hash"],
+            "trained_git_sha": record.get("git_sha"),
+        }
         derived.pop("_path", None)
         records.write_atomic(out / f"eval_mem_len_{mem_len}" / records.RESULT_FILE, derived)
         written.append(derived)
-        print(f"eval_mem_len={mem_len}: val {bpc['val']:.4f} bpc, test {bpc['test']:.4f} bpc "
-              f"({derived['wall_s']:.1f} s)")
+        print(
+            f"eval_mem_len={mem_len}: val {bpc['val']:.4f} bpc, test {bpc['test']:.4f} bpc ({derived['wall_s']:.1f} s)"
+        )
     return written
 
 

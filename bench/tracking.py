@@ -36,8 +36,14 @@ def run_name(record: dict[str, Any]) -> str:
     apply; and the cell's config hash, so that two runs share a name only if they share a cell.
     """
     r = record
-    parts = [cell_label(r), f"n{r['seq_len']}", f"b{r.get('batch_size')}", f"{r.get('n_heads')}x{r.get('head_dim')}",
-             r["dtype"], r["device"]]
+    parts = [
+        cell_label(r),
+        f"n{r['seq_len']}",
+        f"b{r.get('batch_size')}",
+        f"{r.get('n_heads')}x{r.get('head_dim')}",
+        r["dtype"],
+        r["device"],
+    ]
     parts += ["causal"] * bool(r.get("causal"))
     parts += [f"model{r.get('n_layers')}L"] * (r.get("scope") == "model")
     parts += [r["bench"]] * (r["bench"] != "speed") + [r.get("task")] * (r.get("task") not in ("synthetic", None))
@@ -62,8 +68,11 @@ class Tracker:
         if self.run is None:
             return
         summary = {
-            k: v for k, v in record.items()
-            if k not in SUMMARY_SKIP and not k.startswith("_") and v is not None
+            k: v
+            for k, v in record.items()
+            if k not in SUMMARY_SKIP
+            and not k.startswith("_")
+            and v is not None
             and not (isinstance(v, float) and not math.isfinite(v))
         }
         if record.get("status") != "ok":
@@ -75,7 +84,9 @@ class Tracker:
                 self.run.tags = (*self.run.tags, str(record.get("status")))
             self.run.summary.update(summary)
         except Exception as e:  # the record is already written
-            warnings.warn(f"W&B summary not written ({type(e).__name__}: {e}); the result file has the record")
+            warnings.warn(
+                f"W&B summary not written ({type(e).__name__}: {e}); the result file has the record", stacklevel=2
+            )
 
 
 def log_sweep_table(cfg, rows: list[dict[str, Any]], sweep_dir: Path) -> None:
@@ -87,14 +98,22 @@ def log_sweep_table(cfg, rows: list[dict[str, Any]], sweep_dir: Path) -> None:
         import wandb
 
         columns = [k for k in rows[0] if k not in SUMMARY_SKIP and k != "extra" and not k.startswith("_")]
-        table = wandb.Table(columns=["cell", *columns],
-                            data=[[run_name(r), *[table_value(r.get(k)) for k in columns]] for r in rows])
-        run = start_run(cfg, mode, dir=str(sweep_dir), group=sweep_dir.name, name=f"{sweep_dir.name}-cells",
-                        job_type="sweep-table", tags=["sweep-table", *cfg.wandb.tags])
+        table = wandb.Table(
+            columns=["cell", *columns], data=[[run_name(r), *[table_value(r.get(k)) for k in columns]] for r in rows]
+        )
+        run = start_run(
+            cfg,
+            mode,
+            dir=str(sweep_dir),
+            group=sweep_dir.name,
+            name=f"{sweep_dir.name}-cells",
+            job_type="sweep-table",
+            tags=["sweep-table", *cfg.wandb.tags],
+        )
         run.log({"cells": table})
         run.finish()
     except Exception as e:  # the report files are already written
-        warnings.warn(f"W&B sweep table not logged ({type(e).__name__}: {e})")
+        warnings.warn(f"W&B sweep table not logged ({type(e).__name__}: {e})", stacklevel=2)
 
 
 def start_run(cfg, mode: str, **kwargs):
@@ -102,9 +121,14 @@ def start_run(cfg, mode: str, **kwargs):
     (it would compete with the timed code), quiet."""
     import wandb
 
-    return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, mode=mode,
-                      settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
-                      reinit="finish_previous", **kwargs)
+    return wandb.init(
+        project=cfg.wandb.project,
+        entity=cfg.wandb.entity,
+        mode=mode,
+        settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
+        reinit="finish_previous",
+        **kwargs,
+    )
 
 
 def table_value(value: Any) -> Any:
@@ -120,13 +144,24 @@ def wandb_run(cfg, record: dict[str, Any], output_dir: Path, group: str | None) 
         return
     try:
         run = start_run(
-            cfg, mode, dir=str(output_dir), group=group, name=run_name(record), job_type=record["bench"],
-            tags=[record["attention"], record["bench"], record["task"], record["device"],
-                  record["dtype"], *cfg.wandb.tags],
+            cfg,
+            mode,
+            dir=str(output_dir),
+            group=group,
+            name=run_name(record),
+            job_type=record["bench"],
+            tags=[
+                record["attention"],
+                record["bench"],
+                record["task"],
+                record["device"],
+                record["dtype"],
+                *cfg.wandb.tags,
+            ],
             config={**record["config"], "cell": {k: record[k] for k in ("attention", "seq_len", "dtype", "device")}},
         )
     except Exception as e:  # no account, no network, ... : keep measuring, say why
-        warnings.warn(f"W&B run not started ({type(e).__name__}: {e}); results are still written")
+        warnings.warn(f"W&B run not started ({type(e).__name__}: {e}); results are still written", stacklevel=2)
         yield Tracker()
         return
     for metric, summary in SUMMARIES.items():

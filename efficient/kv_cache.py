@@ -105,9 +105,12 @@ def empty_caches(model: nn.Module, batch: int, capacity: int) -> list[DecodingSt
     (Transformer-XL keeps its own memory)."""
     encoder = getattr(model, "encoder", model)
     parameter = next(model.parameters())
-    return [None if block.attention.capabilities.stateful
-            else block.attention.empty_decoding_state(batch, capacity, parameter.device, parameter.dtype)
-            for block in encoder.blocks]
+    return [
+        None
+        if block.attention.capabilities.stateful
+        else block.attention.empty_decoding_state(batch, capacity, parameter.device, parameter.dtype)
+        for block in encoder.blocks
+    ]
 
 
 def cached_length(states) -> int:

@@ -36,8 +36,11 @@ def segments(columns: torch.Tensor, tgt_len: int) -> Iterator[tuple[torch.Tensor
 
 def stateful_layers(model: nn.Module) -> list[nn.Module]:
     """The attention layers that carry a memory (Transformer-XL)."""
-    return [m for m in model.modules()
-            if hasattr(m, "mem_len") and getattr(m, "capabilities", None) and m.capabilities.stateful]
+    return [
+        m
+        for m in model.modules()
+        if hasattr(m, "mem_len") and getattr(m, "capabilities", None) and m.capabilities.stateful
+    ]
 
 
 def set_mem_len(model: nn.Module, mem_len: int) -> None:
@@ -50,8 +53,10 @@ def set_mem_len(model: nn.Module, mem_len: int) -> None:
     if mem_len < 0:
         raise ValueError(f"mem_len must be >= 0, got {mem_len}")
     if mem_len == 0 and any(getattr(layer, "same_length", False) for layer in layers):
-        raise ValueError("mem_len=0 with same_length=True: every query would see a window of no keys; "
-                         "give a memory > 0 or a model without same_length")
+        raise ValueError(
+            "mem_len=0 with same_length=True: every query would see a window of no keys; "
+            "give a memory > 0 or a model without same_length"
+        )
     for layer in layers:
         layer.mem_len = mem_len
 
@@ -59,7 +64,9 @@ def set_mem_len(model: nn.Module, mem_len: int) -> None:
 def eval_mem_len(model: nn.Module) -> int | None:
     """The memory the model's stateful layers ask for at evaluation (their ``eval_mem_len``), or
     None: evaluate with the training memory."""
-    lengths = {layer.eval_mem_len for layer in stateful_layers(model) if getattr(layer, "eval_mem_len", None) is not None}
+    lengths = {
+        layer.eval_mem_len for layer in stateful_layers(model) if getattr(layer, "eval_mem_len", None) is not None
+    }
     if len(lengths) > 1:
         raise ValueError(f"the layers ask for different evaluation memories: {sorted(lengths)}")
     return lengths.pop() if lengths else None

@@ -57,7 +57,8 @@ def no_time_budget(overrides) -> list[str]:
 
 def compose(*overrides: str):
     """The real config, composed as run.py would, with test overrides (and no time budget)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=no_time_budget(overrides))
@@ -66,8 +67,13 @@ def compose(*overrides: str):
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``python run.py ARGS`` with outputs under ``cwd`` (a temporary folder)."""
     full_env = {**os.environ, "WANDB_MODE": "disabled", "WANDB_SILENT": "true", **(env or {})}
-    cmd = [sys.executable, str(ROOT / "run.py"), *no_time_budget(args),
-           f"hydra.run.dir={cwd}/run", f"hydra.sweep.dir={cwd}/sweep"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        *no_time_budget(args),
+        f"hydra.run.dir={cwd}/run",
+        f"hydra.sweep.dir={cwd}/sweep",
+    ]
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -29,7 +29,9 @@ def missing() -> str | None:
         return "starting slurmctld and slurmd needs root"
     absent = [d for d in DAEMONS if shutil.which(d) is None and not Path(f"/usr/sbin/{d}").exists()]
     if absent:
-        return f"SLURM is not installed ({', '.join(absent)} missing: apt-get install slurmctld slurmd slurm-client munge)"
+        return (
+            f"SLURM is not installed ({', '.join(absent)} missing: apt-get install slurmctld slurmd slurm-client munge)"
+        )
     return None
 
 
@@ -67,8 +69,9 @@ class Cluster:
             time.sleep(0.2)
 
     def run(self, *command: str) -> str:
-        return subprocess.run(command, env={**os.environ, **self.env}, capture_output=True, text=True,
-                              check=True).stdout
+        return subprocess.run(
+            command, env={**os.environ, **self.env}, capture_output=True, text=True, check=True
+        ).stdout
 
     def wait_idle(self, timeout: float = 60) -> None:
         """Until no job is queued or running."""
@@ -83,35 +86,39 @@ def write_conf(folder: Path) -> Path:
     node = node_line()
     name = node.split()[0].removeprefix("NodeName=")
     conf = folder / "slurm.conf"
-    conf.write_text("\n".join([
-        "ClusterName=efficient-test",
-        f"SlurmctldHost={name}(127.0.0.1)",
-        "SlurmUser=root",
-        "AuthType=auth/munge",
-        f"SlurmctldPort={free_port()}",
-        f"SlurmdPort={free_port()}",
-        f"StateSaveLocation={folder}/state",
-        f"SlurmdSpoolDir={folder}/spool",
-        f"SlurmctldPidFile={folder}/slurmctld.pid",
-        f"SlurmdPidFile={folder}/slurmd.pid",
-        f"SlurmctldLogFile={folder}/slurmctld.log",
-        f"SlurmdLogFile={folder}/slurmd.log",
-        "ProctrackType=proctrack/linuxproc",
-        "TaskPlugin=task/none",
-        "MpiDefault=none",
-        "AccountingStorageType=accounting_storage/none",
-        "JobCompType=jobcomp/filetxt",
-        f"JobCompLoc={folder}/jobcomp.txt",
-        "SelectType=select/cons_tres",
-        "SelectTypeParameters=CR_Core_Memory",
-        "EnforcePartLimits=ALL",
-        "ReturnToService=2",
-        "KillWait=5",  # seconds between SIGTERM and SIGKILL for a cancelled job (default 30)
-        "MinJobAge=300",
-        node,
-        f"PartitionName={PARTITION} Nodes={name} Default=YES MaxTime=INFINITE State=UP",
-        "",
-    ]))
+    conf.write_text(
+        "\n".join(
+            [
+                "ClusterName=efficient-test",
+                f"SlurmctldHost={name}(127.0.0.1)",
+                "SlurmUser=root",
+                "AuthType=auth/munge",
+                f"SlurmctldPort={free_port()}",
+                f"SlurmdPort={free_port()}",
+                f"StateSaveLocation={folder}/state",
+                f"SlurmdSpoolDir={folder}/spool",
+                f"SlurmctldPidFile={folder}/slurmctld.pid",
+                f"SlurmdPidFile={folder}/slurmd.pid",
+                f"SlurmctldLogFile={folder}/slurmctld.log",
+                f"SlurmdLogFile={folder}/slurmd.log",
+                "ProctrackType=proctrack/linuxproc",
+                "TaskPlugin=task/none",
+                "MpiDefault=none",
+                "AccountingStorageType=accounting_storage/none",
+                "JobCompType=jobcomp/filetxt",
+                f"JobCompLoc={folder}/jobcomp.txt",
+                "SelectType=select/cons_tres",
+                "SelectTypeParameters=CR_Core_Memory",
+                "EnforcePartLimits=ALL",
+                "ReturnToService=2",
+                "KillWait=5",  # seconds between SIGTERM and SIGKILL for a cancelled job (default 30)
+                "MinJobAge=300",
+                node,
+                f"PartitionName={PARTITION} Nodes={name} Default=YES MaxTime=INFINITE State=UP",
+                "",
+            ]
+        )
+    )
     for sub in ("state", "spool"):
         (folder / sub).mkdir()
     return conf
@@ -146,8 +153,9 @@ def start(folder: Path) -> tuple[Cluster, list[int]]:
     deadline = time.monotonic() + 30
     while "idle" not in cluster.run("sinfo", "-h", "-o", "%T"):
         if time.monotonic() > deadline:
-            logs = "\n".join((folder / f).read_text()[-2000:] for f in ("slurmctld.log", "slurmd.log")
-                             if (folder / f).exists())
+            logs = "\n".join(
+                (folder / f).read_text()[-2000:] for f in ("slurmctld.log", "slurmd.log") if (folder / f).exists()
+            )
             raise RuntimeError(f"the test cluster did not come up in 30 s:\n{logs}")
         time.sleep(0.2)
     pids += [int((folder / f"{d}.pid").read_text()) for d in ("slurmctld", "slurmd")]

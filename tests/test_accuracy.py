@@ -4,11 +4,11 @@ import statistics
 
 import pytest
 import torch
+from conftest import compose
 
 from bench.benches.accuracy import learning_rate, run_accuracy
-from bench.tasks.listops import encode, listops_splits
 from bench.records import validate
-from conftest import compose
+from bench.tasks.listops import encode, listops_splits
 from efficient.attention import flex
 from efficient.datasets import listops
 
@@ -17,14 +17,17 @@ def tokens(text: str) -> list[str]:
     return text.split()
 
 
-@pytest.mark.parametrize("expression,value", [
-    ("( ( ( [MAX 2 ) 9 ) ] )", 9),
-    ("( ( ( [MIN 4 ) 7 ) ] )", 4),
-    ("( ( ( ( ( [MED 1 ) 2 ) 3 ) 4 ) ] )", 2),  # median 2.5, rounded down
-    ("( ( ( ( [SM 5 ) 7 ) 9 ) ] )", 1),  # 21 mod 10
-    ("( ( ( ( ( [MAX 2 ) 9 ) ( ( ( [MIN 4 ) 7 ) ] ) ) 0 ) ] )", 9),
-    ("( ( ( [SM ( ( ( [MED 3 ) 8 ) ] ) ) ( ( ( [MAX 1 ) 6 ) ] ) ) ] )", 1),  # (5 + 6) mod 10
-])
+@pytest.mark.parametrize(
+    "expression,value",
+    [
+        ("( ( ( [MAX 2 ) 9 ) ] )", 9),
+        ("( ( ( [MIN 4 ) 7 ) ] )", 4),
+        ("( ( ( ( ( [MED 1 ) 2 ) 3 ) 4 ) ] )", 2),  # median 2.5, rounded down
+        ("( ( ( ( [SM 5 ) 7 ) 9 ) ] )", 1),  # 21 mod 10
+        ("( ( ( ( ( [MAX 2 ) 9 ) ( ( ( [MIN 4 ) 7 ) ] ) ) 0 ) ] )", 9),
+        ("( ( ( [SM ( ( ( [MED 3 ) 8 ) ] ) ) ( ( ( [MAX 1 ) 6 ) ] ) ) ] )", 1),  # (5 + 6) mod 10
+    ],
+)
 def test_hand_checked_expressions(expression, value):
     assert listops.evaluate_tokens(tokens(expression)) == value
 
@@ -125,16 +128,25 @@ def test_loader_names_the_missing_file_and_the_format(tmp_path):
         listops.load_tsv(tmp_path / "nope.tsv")
 
 
-@pytest.mark.parametrize("text,message", [
-    ("Input\tLabel\n1\t1\n", ":1: expected the header"),
-    ("Source\tTarget\n( ( ( [MAX 2 ) 9 ) ] )\t9\n( [MAX 2 ] )\t2\textra\n", ":3: expected 2 tab-separated fields, got 3"),
-    ("Source\tTarget\n( ( ( [MAX 2 ) 9 ) ] )\t9\n( ( ( [POW 2 ) 9 ) ] )\t4\n", ":3: unknown token '\\[POW'"),
-    ("Source\tTarget\n( ( ( [MAX 2 ) 9 ) ] )\tnine\n", ":2: target 'nine' is not a digit 0-9"),
-    ("Source\tTarget\n( ( ( [MAX 2 ) 9 ) ] )\t\u00b2\n", ":2: target '\u00b2' is not a digit 0-9"),  # isdigit() is True
-    ("Source\tTarget\r\n", ":2: no examples after the header"),
-    ("Source\tTarget\n\n\n", ":2: no examples after the header"),
-    ("Source\tTarget\n( ( ( [MAX 2 ) 9 ) ] )\t9\n\n( ( ( [MIN 2 ) 9 ) ] )\t2\n", ":3: blank line between examples"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("Input\tLabel\n1\t1\n", ":1: expected the header"),
+        (
+            "Source\tTarget\n( ( ( [MAX 2 ) 9 ) ] )\t9\n( [MAX 2 ] )\t2\textra\n",
+            ":3: expected 2 tab-separated fields, got 3",
+        ),
+        ("Source\tTarget\n( ( ( [MAX 2 ) 9 ) ] )\t9\n( ( ( [POW 2 ) 9 ) ] )\t4\n", ":3: unknown token '\\[POW'"),
+        ("Source\tTarget\n( ( ( [MAX 2 ) 9 ) ] )\tnine\n", ":2: target 'nine' is not a digit 0-9"),
+        (
+            "Source\tTarget\n( ( ( [MAX 2 ) 9 ) ] )\t\u00b2\n",
+            ":2: target '\u00b2' is not a digit 0-9",
+        ),  # isdigit() is True
+        ("Source\tTarget\r\n", ":2: no examples after the header"),
+        ("Source\tTarget\n\n\n", ":2: no examples after the header"),
+        ("Source\tTarget\n( ( ( [MAX 2 ) 9 ) ] )\t9\n\n( ( ( [MIN 2 ) 9 ) ] )\t2\n", ":3: blank line between examples"),
+    ],
+)
 def test_loader_names_the_file_and_line_of_a_malformed_file(tmp_path, text, message):
     with pytest.raises(ValueError, match=r"bad\.tsv" + message):
         listops.load_tsv(write(tmp_path / "bad.tsv", text))
@@ -181,13 +193,17 @@ def test_lras_files_load_with_the_documented_seq_len_2000(tmp_path):
 
     from bench.harness import run_job
 
-    record = run_job(compose(*TINY, f"task.data_dir={lra}", "seq_len=2000", "batch_size=2", "bench.steps=2",
-                             "bench.eval_every=2"), output_dir=tmp_path)
+    record = run_job(
+        compose(*TINY, f"task.data_dir={lra}", "seq_len=2000", "batch_size=2", "bench.steps=2", "bench.eval_every=2"),
+        output_dir=tmp_path,
+    )
     assert record["status"] == "ok", record["reason"]
     assert record["extra"]["n_train"] == 6 and not any(k.endswith("_truncated") for k in record["extra"])
     (tmp_path / "cut").mkdir()
-    cut = run_job(compose(*TINY, f"task.data_dir={lra}", "seq_len=600", "batch_size=2", "bench.steps=2",
-                          "bench.eval_every=2"), output_dir=tmp_path / "cut")
+    cut = run_job(
+        compose(*TINY, f"task.data_dir={lra}", "seq_len=600", "batch_size=2", "bench.steps=2", "bench.eval_every=2"),
+        output_dir=tmp_path / "cut",
+    )
     assert cut["status"] == "ok", cut["reason"]
     assert cut["extra"]["n_train_truncated"] == sum(listops.length(r) > 600 for r in rows) > 0
 
@@ -197,10 +213,25 @@ def test_warmup_then_cosine_decay():
     assert learning_rate(55, 10, 100) == pytest.approx(0.5) and learning_rate(100, 10, 100) == pytest.approx(0.0)
 
 
-TINY = ["bench=accuracy", "task=listops", "task.n_train=256", "task.n_val=64", "task.n_test=64",
-        "task.min_length=20", "task.max_length=60", "seq_len=60", "batch_size=16", "model.d_model=32",
-        "model.n_heads=2", "model.n_layers=1", "model.d_ff=64", "bench.lr=3e-3", "bench.warmup_steps=5",
-        "bench.progress=false", "device=cpu"]
+TINY = [
+    "bench=accuracy",
+    "task=listops",
+    "task.n_train=256",
+    "task.n_val=64",
+    "task.n_test=64",
+    "task.min_length=20",
+    "task.max_length=60",
+    "seq_len=60",
+    "batch_size=16",
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.n_layers=1",
+    "model.d_ff=64",
+    "bench.lr=3e-3",
+    "bench.warmup_steps=5",
+    "bench.progress=false",
+    "device=cpu",
+]
 
 
 class StopAt:
@@ -229,13 +260,29 @@ def test_training_reduces_loss_and_records_the_test_accuracy(tmp_path):
     torch.load(tmp_path / "best.pt", weights_only=True)  # weights only: loads safely
 
 
-CHARLM = ["bench=accuracy", "task=charlm", "attention=xl", "attention.mem_len=16", "causal=true", "seq_len=16",
-          "batch_size=4", "model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.d_ff=64",
-          "bench.lr=3e-3", "bench.warmup_steps=5", "bench.progress=false", "device=cpu"]
+CHARLM = [
+    "bench=accuracy",
+    "task=charlm",
+    "attention=xl",
+    "attention.mem_len=16",
+    "causal=true",
+    "seq_len=16",
+    "batch_size=4",
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.n_layers=2",
+    "model.d_ff=64",
+    "bench.lr=3e-3",
+    "bench.warmup_steps=5",
+    "bench.progress=false",
+    "device=cpu",
+]
 
 
 # charlm with memory takes minutes on 2 cores: slow (CI runs it; `-m "not slow"` skips it in a quick loop)
-@pytest.mark.parametrize("task", [TINY, pytest.param(CHARLM, marks=pytest.mark.slow)], ids=["listops", "charlm-with-memory"])
+@pytest.mark.parametrize(
+    "task", [TINY, pytest.param(CHARLM, marks=pytest.mark.slow)], ids=["listops", "charlm-with-memory"]
+)
 def test_resume_continues_the_same_run(tmp_path, task):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     for folder in (straight, interrupted):
@@ -286,10 +333,27 @@ def test_recall_refuses_impossible_settings():
         recall.generate(1, seq_len=10, n_pairs=4, n_queries=4, vocab_size=40, seed=0)
 
 
-RECALL = ["bench=accuracy", "task=recall", "task.vocab_size=16", "task.n_pairs=3", "task.n_queries=2",
-          "task.n_train=256", "task.n_val=32", "task.n_test=32", "seq_len=24", "batch_size=16", "causal=true",
-          "model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=64", "bench.progress=false",
-          "bench.warmup_steps=5", "bench.lr=3e-3", "device=cpu"]
+RECALL = [
+    "bench=accuracy",
+    "task=recall",
+    "task.vocab_size=16",
+    "task.n_pairs=3",
+    "task.n_queries=2",
+    "task.n_train=256",
+    "task.n_val=32",
+    "task.n_test=32",
+    "seq_len=24",
+    "batch_size=16",
+    "causal=true",
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.n_layers=1",
+    "model.d_ff=64",
+    "bench.progress=false",
+    "bench.warmup_steps=5",
+    "bench.lr=3e-3",
+    "device=cpu",
+]
 
 
 def test_recall_trains_a_causal_lm(tmp_path):
@@ -348,13 +412,14 @@ def test_byte_loader_names_the_path_and_format_of_bad_files(tmp_path):
 def test_default_corpus_is_english_text_shipped_with_python():
     corpus = charlm.default_corpus()
     assert len(corpus) > 400_000 and corpus == charlm.default_corpus()
-    assert b"The \"assert\" statement" in corpus
+    assert b'The "assert" statement' in corpus
 
 
 def test_stream_training_reads_consecutive_segments_and_carries_memory():
     stream = torch.arange(4 * 41) % 256  # 4 columns of 41 tokens: 40 targets each
-    data = StreamData({"train": stream, "val": stream, "test": stream}, batch_size=4, seq_len=16, device="cpu",
-                      source={})
+    data = StreamData(
+        {"train": stream, "val": stream, "test": stream}, batch_size=4, seq_len=16, device="cpu", source={}
+    )
     seen = []
 
     class Recorder(torch.nn.Module):
@@ -367,8 +432,11 @@ def test_stream_training_reads_consecutive_segments_and_carries_memory():
         data.train_loss(model)
     columns = stream.view(4, 41)
     assert [(first, length) for first, length, _ in seen] == [
-        (columns[:, 0].tolist(), 16), (columns[:, 16].tolist(), 16), (columns[:, 32].tolist(), 8),
-        (columns[:, 0].tolist(), 16)]  # read through: start again
+        (columns[:, 0].tolist(), 16),
+        (columns[:, 16].tolist(), 16),
+        (columns[:, 32].tolist(), 8),
+        (columns[:, 0].tolist(), 16),
+    ]  # read through: start again
     assert seen[0][2] is None and torch.equal(seen[1][2][0], columns[:, 15:16])  # the memory is handed on
     assert seen[3][2] is None  # and reset when the columns wrap around
 
@@ -380,4 +448,6 @@ def test_charlm_records_bits_per_character_and_a_missing_file(tmp_path):
     assert record["status"] == "ok" and validate(record) == [] and record["metric"] == "test_bpc"
     assert 0 < record["value"] < 8.5 and record["extra"]["corpus"].startswith("pydoc_data.topics")
     missing = run_job(compose(*CHARLM, f"task.data_path={tmp_path}/enwik8"), output_dir=tmp_path)
-    assert missing["status"] == "error" and f"{tmp_path}/enwik8 does not exist: expected a raw byte" in missing["reason"]
+    assert (
+        missing["status"] == "error" and f"{tmp_path}/enwik8 does not exist: expected a raw byte" in missing["reason"]
+    )

@@ -8,11 +8,18 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import ROOT, compose, skip_unless_available
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import ROOT, compose, skip_unless_available
-from efficient.attention import (Capabilities, Setting, ProjectedAttention, Shape, Unsupported, build_attention,
-                                 get_backend)
+from efficient.attention import (
+    Capabilities,
+    ProjectedAttention,
+    Setting,
+    Shape,
+    Unsupported,
+    build_attention,
+    get_backend,
+)
 from efficient.attention.base import DTYPES
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}  # fp32 against the fp64 reference
@@ -112,8 +119,13 @@ def cpu_dtype(backend_name, **cell) -> torch.dtype:
 
 def compare_with_reference(backend_name, x, context=None, mask=None, causal=False, **options):
     """The backend against reference_mode (exact attention, same parameters): outputs, grads."""
-    dtype = cpu_dtype(backend_name, causal=causal, key_padding_mask=mask is not None,
-                      cross_attention=context is not None, head_dim=x.shape[-1] // 4)
+    dtype = cpu_dtype(
+        backend_name,
+        causal=causal,
+        key_padding_mask=mask is not None,
+        cross_attention=context is not None,
+        head_dim=x.shape[-1] // 4,
+    )
     torch.manual_seed(0)
     attn = build_attention(backend_name, x.shape[-1], 4, **options).to(dtype)
     backward = "cpu" in get_backend(backend_name).capabilities.backward_devices
@@ -123,8 +135,9 @@ def compare_with_reference(backend_name, x, context=None, mask=None, causal=Fals
     reference = copy.deepcopy(attn).double()
     reference.reference_mode = True
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
-    y_ref, _ = reference(ref_inputs[0], context=ref_inputs[1] if context is not None else None,
-                         key_padding_mask=mask, causal=causal)
+    y_ref, _ = reference(
+        ref_inputs[0], context=ref_inputs[1] if context is not None else None, key_padding_mask=mask, causal=causal
+    )
     atol = TOLERANCE[dtype]
     assert (y.double() - y_ref).abs().max() < atol
     if backward:
@@ -163,15 +176,18 @@ def test_grouped_query_attention_matches_the_reference(backend_name, n_kv_heads,
         pytest.skip(f"{backend_name} has no grouped-query attention (its reason is tested above)")
     mask = torch.ones(2, 37, dtype=torch.bool)
     mask[1, 25:] = False
-    compare_with_reference(backend_name, torch.randn(2, 37, WIDTH), mask=mask if padded else None, causal=causal,
-                           n_kv_heads=n_kv_heads)
+    compare_with_reference(
+        backend_name, torch.randn(2, 37, WIDTH), mask=mask if padded else None, causal=causal, n_kv_heads=n_kv_heads
+    )
 
 
 @pytest.mark.parametrize("q_len,k_len", [(13, 41), (41, 13)])
 def test_causal_alignment_is_bottom_right_for_every_backend(backend_name, q_len, k_len):
     """Cross-attention with q_len != k_len: query i sees key j iff j <= i + (k_len - q_len)."""
     exact_only(backend_name)
-    compare_with_reference(backend_name, torch.randn(2, q_len, WIDTH), context=torch.randn(2, k_len, WIDTH), causal=True)
+    compare_with_reference(
+        backend_name, torch.randn(2, q_len, WIDTH), context=torch.randn(2, k_len, WIDTH), causal=True
+    )
 
 
 def outputs_of(backend_name, inputs, **call):
@@ -247,6 +263,7 @@ def test_the_memory_model_bounds_the_attention_core_s_measured_peak(backend_name
 
     step()  # compiled kernels and cached masks are built outside the measured call
     measured = peak_memory_bytes(step, "cpu")
-    model = backend.memory_bytes(Shape(b, h, d, n, n, causal=causal, bytes_per_element=4, device="cpu"), training,
-                                 **options)
+    model = backend.memory_bytes(
+        Shape(b, h, d, n, n, causal=causal, bytes_per_element=4, device="cpu"), training, **options
+    )
     assert model >= measured > 0

@@ -6,10 +6,9 @@ from __future__ import annotations
 import enum
 
 import pytest
+from conftest import ROOT
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
-
-from conftest import ROOT
 
 SCHEMA_GROUPS = ("attention", "bench", "task")
 
@@ -35,8 +34,11 @@ def schema_of(yaml_path) -> str:
     return str(entry).removeprefix("/").split("@")[0] + ".yaml"
 
 
-@pytest.mark.parametrize("yaml_path", [p for g in SCHEMA_GROUPS for p in sorted((ROOT / "conf" / g).glob("*.yaml"))],
-                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+@pytest.mark.parametrize(
+    "yaml_path",
+    [p for g in SCHEMA_GROUPS for p in sorted((ROOT / "conf" / g).glob("*.yaml"))],
+    ids=lambda p: f"{p.parent.name}/{p.stem}",
+)
 def test_group_yaml_defaults_equal_the_schema(yaml_path):
     """A group's default yaml (named like its schema) repeats the schema's defaults exactly; a
     preset (e.g. attention/linformer_lra) may differ, but only in keys the schema has."""

@@ -9,9 +9,9 @@ import math
 
 import pytest
 import torch
+from conftest import compose, run_cli, skip_unless_available
 from einops import einsum
 
-from conftest import compose, run_cli, skip_unless_available
 from efficient.attention import Setting, Unsupported, attention_factory, build_attention, get_backend
 from efficient.attention.functional import exact_attention
 from efficient.kv_cache import KVCache, empty_caches
@@ -62,8 +62,9 @@ def test_a_config_refuses_n_kv_heads_that_do_not_divide_n_heads(tmp_path):
 
 def test_n_kv_heads_left_at_its_default_keeps_the_cell_hash():
     """Records made before model.n_kv_heads existed keep their identity (resume finds them)."""
-    from bench.harness import cell_hash
     from omegaconf import OmegaConf
+
+    from bench.harness import cell_hash
 
     cfg = compose("seq_len=64")
     without = OmegaConf.create(OmegaConf.to_container(cfg))
@@ -130,8 +131,9 @@ def test_every_cpu_sdpa_kernel_decodes_exactly(kernel):
 
 
 def decode_cli(tmp_path, *args):
-    return run_cli("-m", "bench=decode", "model.d_model=64", "model.n_heads=4", "bench.decode_tokens=4",
-                   *args, cwd=tmp_path)
+    return run_cli(
+        "-m", "bench=decode", "model.d_model=64", "model.n_heads=4", "bench.decode_tokens=4", *args, cwd=tmp_path
+    )
 
 
 def test_bench_decode_records_latency_cache_and_bandwidth(tmp_path):
@@ -169,14 +171,23 @@ def test_bench_decode_records_latency_cache_and_bandwidth(tmp_path):
     from bench.analysis.html_report import write_html
 
     pngs = write_html(rows, tmp_path / "page.html")
-    assert tmp_path / "page_decode.png" in pngs and "Decoding against a KV cache" in (tmp_path / "page.html").read_text()
+    assert (
+        tmp_path / "page_decode.png" in pngs and "Decoding against a KV cache" in (tmp_path / "page.html").read_text()
+    )
 
 
 def test_bench_decode_is_causal_without_being_told_and_refuses_causal_false(tmp_path):
     from conftest import results_under
 
-    out = run_cli("bench=decode", "attention=sdpa", "seq_len=64", "model.d_model=64", "model.n_heads=2",
-                  "bench.decode_tokens=2", cwd=tmp_path)
+    out = run_cli(
+        "bench=decode",
+        "attention=sdpa",
+        "seq_len=64",
+        "model.d_model=64",
+        "model.n_heads=2",
+        "bench.decode_tokens=2",
+        cwd=tmp_path,
+    )
     (record,) = results_under(tmp_path / "run")
     assert out.returncode == 0 and record["status"] == "ok" and record["causal"] is True, out.stderr[-2000:]
     refused = run_cli("bench=decode", "seq_len=64", "causal=false", cwd=tmp_path)
@@ -195,8 +206,17 @@ def test_a_prompt_that_is_not_a_multiple_of_the_prefill_piece_decodes(tmp_path):
     decoded tokens, and overflowed the cache)."""
     from bench.harness import run_job
 
-    cfg = compose("bench=decode", "attention=full", "seq_len=33", "bench.prefill_chunk=32", "bench.decode_tokens=1",
-                  "bench.warmup=1", "model.d_model=64", "model.n_heads=2", "device=cpu")
+    cfg = compose(
+        "bench=decode",
+        "attention=full",
+        "seq_len=33",
+        "bench.prefill_chunk=32",
+        "bench.decode_tokens=1",
+        "bench.warmup=1",
+        "model.d_model=64",
+        "model.n_heads=2",
+        "device=cpu",
+    )
     record = run_job(cfg, output_dir=tmp_path)
     assert record["status"] == "ok", record["reason"]
     assert record["max_abs_err"] < 1e-4 and "copy of the cache" in record["reference"]
@@ -213,8 +233,15 @@ def test_a_wrong_decode_step_is_recorded_wrong_with_its_figures(tmp_path, monkey
         return out + 0.05 if q.shape[-2] == 1 else out
 
     monkeypatch.setattr(FullAttention, "attend_cached", off_by_a_little)
-    cfg = compose("bench=decode", "attention=full", "seq_len=16", "bench.decode_tokens=2", "model.d_model=64",
-                  "model.n_heads=2", "device=cpu")
+    cfg = compose(
+        "bench=decode",
+        "attention=full",
+        "seq_len=16",
+        "bench.decode_tokens=2",
+        "model.d_model=64",
+        "model.n_heads=2",
+        "device=cpu",
+    )
     record = run_job(cfg, output_dir=tmp_path)
     assert record["status"] == "wrong" and record["final"] is False
     assert "the first decode step's logits: |output - exact reference| reaches" in record["reason"]
@@ -227,8 +254,9 @@ def test_the_flop_model_counts_the_smaller_key_value_projection():
 
     from bench.cell import build_subject, cell_shape, layer_flops
 
-    cfg = compose("attention=full", "seq_len=32", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
-                  "device=cpu")
+    cfg = compose(
+        "attention=full", "seq_len=32", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "device=cpu"
+    )
     subject = build_subject(cfg, "cpu", torch.float32)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         subject.forward(subject.module)
@@ -240,7 +268,17 @@ def test_decode_times_its_steps_within_the_budget_and_the_cache_it_allocated():
     each one decoded into the cache allocated for them."""
     from bench.harness import run_job
 
-    record = run_job(compose("bench=decode", "attention=full", "seq_len=16", "model.d_model=32", "model.n_heads=2",
-                             "bench.decode_tokens=2", "bench.min_time_s=5", "bench.max_decode_tokens=7"))
+    record = run_job(
+        compose(
+            "bench=decode",
+            "attention=full",
+            "seq_len=16",
+            "model.d_model=32",
+            "model.n_heads=2",
+            "bench.decode_tokens=2",
+            "bench.min_time_s=5",
+            "bench.max_decode_tokens=7",
+        )
+    )
     assert record["status"] == "ok", record["reason"]
     assert record["fwd_samples"] == record["extra"]["decode_tokens"] == 7

@@ -29,8 +29,11 @@ def explicit_attention(q, k, v, allowed):
 
 def qkv(b=2, h=3, n=7, m=None, d=5):
     m = m or n
-    return (torch.randn(b, h, n, d, dtype=torch.float64), torch.randn(b, h, m, d, dtype=torch.float64),
-            torch.randn(b, h, m, d, dtype=torch.float64))
+    return (
+        torch.randn(b, h, n, d, dtype=torch.float64),
+        torch.randn(b, h, m, d, dtype=torch.float64),
+        torch.randn(b, h, m, d, dtype=torch.float64),
+    )
 
 
 def test_matches_explicit_formula_float64():

@@ -16,17 +16,23 @@ import venv
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from bench.gpu import recipe
-from conftest import ROOT
 
 IMAGE = ("torch", "einops", "numpy", "pandas", "matplotlib", "psutil")  # the GPU machine's packages
 
 
 def run_recipe(*args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}  # env may bring W&B back (offline)
-    return subprocess.run(["bash", str(ROOT / "bench/gpu/recipe.sh"), *args], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(ROOT / "bench/gpu/recipe.sh"), *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def packed(out: Path) -> list[str]:
@@ -38,8 +44,14 @@ def packed(out: Path) -> list[str]:
 def test_first_is_the_first_pass_and_next_goes_on_from_the_first_step_not_done():
     names = lambda steps: [s.name for s in steps]  # noqa: E731
     assert names(recipe.plan("first", {"steps": {}})) == ["tests", "harness", "kernels", "maxlen", "decode"]
-    state = {"steps": {"tests": {"status": "done"}, "harness": {"status": "failed"}, "kernels": {"status": "cut"},
-                       "maxlen": {"status": "skipped"}}}
+    state = {
+        "steps": {
+            "tests": {"status": "done"},
+            "harness": {"status": "failed"},
+            "kernels": {"status": "cut"},
+            "maxlen": {"status": "skipped"},
+        }
+    }
     assert names(recipe.plan("next", state))[:4] == ["kernels", "maxlen", "decode", "scaling"]
     assert names(recipe.plan("next", state))[-1] == "lra"
     assert names(recipe.plan("decode", state)) == ["decode"]
@@ -129,8 +141,12 @@ def image_like_environment(root: Path) -> Path:
 def wheels(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("wheels")
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
-    built = subprocess.run(["bash", str(ROOT / "bench/gpu/wheelhouse.sh"), str(folder), python],
-                           capture_output=True, text=True, timeout=600)
+    built = subprocess.run(
+        ["bash", str(ROOT / "bench/gpu/wheelhouse.sh"), str(folder), python],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if built.returncode != 0:
         pytest.skip(f"the wheels of bench/gpu/wheels.txt could not be downloaded here: {built.stderr[-500:]}")
     return folder
@@ -139,18 +155,28 @@ def wheels(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_every_step_rehearsed_in_an_environment_without_hydra_or_wandb(tmp_path, wheels):
     bin_dir = image_like_environment(tmp_path)
-    bare = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": "", "WHEELS": str(wheels),
-            "SITE": str(tmp_path / "site"), "WANDB_MODE": "offline"}  # W&B as on the GPU machine: offline runs
-    lacking = subprocess.run([bin_dir / "python3", "-c", "import torch, einops; import hydra"], env={**os.environ, **bare},
-                             capture_output=True, text=True)
+    bare = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PYTHONPATH": "",
+        "WHEELS": str(wheels),
+        "SITE": str(tmp_path / "site"),
+        "WANDB_MODE": "offline",
+    }  # W&B as on the GPU machine: offline runs
+    lacking = subprocess.run(
+        [bin_dir / "python3", "-c", "import torch, einops; import hydra"],
+        env={**os.environ, **bare},
+        capture_output=True,
+        text=True,
+    )
     assert "No module named 'hydra'" in lacking.stderr  # the environment really lacks it, and has torch
     out = tmp_path / "out"
     started = time.time()
     result = run_recipe("--rehearse", "all", "--out", str(out), env=bare, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     state = json.loads((out / "recipe_state.json").read_text())
-    assert {n: s["status"] for n, s in state["steps"].items()} == {s.name: "done" for s in recipe.STEPS}, \
-        result.stdout[-3000:]
+    assert {n: s["status"] for n, s in state["steps"].items()} == {s.name: "done" for s in recipe.STEPS}, result.stdout[
+        -3000:
+    ]
     names = packed(out)
     assert (out / "recipe.tar.gz").stat().st_size < recipe.TARBALL_LIMIT
     for step in recipe.STEPS:

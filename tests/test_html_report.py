@@ -6,14 +6,22 @@ import subprocess
 import matplotlib.image
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from bench.analysis.html_report import dominates, pareto_points, write_html
 from bench.records import load_records
-from conftest import ROOT
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +50,19 @@ def test_pareto_front():
     assert dominates(fast, worse) and not dominates(fast, small) and not dominates(small, fast)
     accurate = {"time": 7.0, "memory": 12.0, "accuracy": 0.9}
     assert not dominates({**fast, "accuracy": 0.5}, accurate)  # better accuracy keeps it on the front
-    rows = [{"attention": n, "attention_options": {}, "seq_len": 8, "status": "ok", "bench": "speed",
-             "fwd_ms": t, "fwd_bwd_ms": None, "fwd_peak_mem_mib": m} for n, t, m in [("a", 1, 10), ("b", 5, 1), ("c", 6, 11)]]
+    rows = [
+        {
+            "attention": n,
+            "attention_options": {},
+            "seq_len": 8,
+            "status": "ok",
+            "bench": "speed",
+            "fwd_ms": t,
+            "fwd_bwd_ms": None,
+            "fwd_peak_mem_mib": m,
+        }
+        for n, t, m in [("a", 1, 10), ("b", 5, 1), ("c", 6, 11)]
+    ]
     points, step = pareto_points(rows, 8, ())
     assert {p["backend"]: p["front"] for p in points} == {"a": True, "b": True, "c": False} and step == "forward"
 
@@ -56,8 +75,12 @@ def test_page_loads_in_headless_chromium_with_plots_visible(page, tmp_path):
     assert f'data-plots="{len(pngs)}"' in dom and f'data-plots-shown="{len(pngs)}"' in dom
     assert "data-js-error" not in dom
     shot = tmp_path / "screenshot.png"
-    subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1400,2400", path.as_uri()],
-                   capture_output=True, timeout=180, check=True)
+    subprocess.run(
+        [*browser, f"--screenshot={shot}", "--window-size=1400,2400", path.as_uri()],
+        capture_output=True,
+        timeout=180,
+        check=True,
+    )
     pixels = matplotlib.image.imread(shot)[..., :3]  # [h, w, rgb] in 0..1
     saturation = pixels.max(axis=-1) - pixels.min(axis=-1)
     assert (saturation > 0.3).mean() > 0.002, "no coloured plot lines in the screenshot"

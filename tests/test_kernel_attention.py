@@ -33,8 +33,11 @@ def quadratic_kernel_attention(attention, q, k, v, key_padding_mask, causal):
                 rows.append(torch.zeros_like(q[..., i : i + 1, :]))
                 continue
             mask = None if key_padding_mask is None else key_padding_mask[:, :seen]
-            rows.append(quadratic_kernel_attention(attention, q[..., i : i + 1, :], k[..., :seen, :],
-                                                   v[..., :seen, :], mask, causal=False))
+            rows.append(
+                quadratic_kernel_attention(
+                    attention, q[..., i : i + 1, :], k[..., :seen, :], v[..., :seen, :], mask, causal=False
+                )
+            )
         return torch.cat(rows, dim=-2)
     q_features, k_features = attention.feature_maps(q, k, key_padding_mask, causal)
     k_features, v = repeat_kv(k_features, q.shape[1]), repeat_kv(v, q.shape[1])
@@ -70,8 +73,9 @@ def test_equals_its_quadratic_form_forward_and_gradients(name, dtype, causal, pa
     ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
     expected = quadratic_kernel_attention(reference, *ref_inputs, mask, causal)
     assert (out.double() - expected).abs().max() < TOLERANCE[dtype]
-    for g, g_ref in zip(torch.autograd.grad(out.square().sum(), (q, k, v)),
-                        torch.autograd.grad(expected.square().sum(), ref_inputs)):
+    for g, g_ref in zip(
+        torch.autograd.grad(out.square().sum(), (q, k, v)), torch.autograd.grad(expected.square().sum(), ref_inputs)
+    ):
         assert (g.double() - g_ref).abs().max() < 10 * TOLERANCE[dtype] * max(1.0, g_ref.abs().max())
 
 
@@ -108,7 +112,6 @@ def test_a_query_that_sees_no_key_outputs_zeros(name):
     q, k, v = random_qkv(9, 5, torch.float64)
     out = attention.attend(q, k, v, None, True)  # bottom-right: queries 0-3 see no key
     assert out[:, :, :4].abs().max() == 0 and out[:, :, 4:].abs().min() > 0
-
 
 
 def test_decoding_keeps_a_state_of_fixed_size_and_equals_the_causal_forward(name):

@@ -5,10 +5,17 @@ import enum
 
 import pytest
 import torch
-
 from conftest import requires_cuda, skip_unless_available
-from efficient.attention import (Setting, Shape, Unsupported, backend_names, build_attention, get_backend,
-                                 option_defaults)
+
+from efficient.attention import (
+    Setting,
+    Shape,
+    Unsupported,
+    backend_names,
+    build_attention,
+    get_backend,
+    option_defaults,
+)
 from efficient.attention.chunked import Blocks, chunked_attention
 from efficient.attention.functional import exact_attention, visible_keys
 from efficient.attention.xformers import FORWARD_ONLY
@@ -18,8 +25,11 @@ torch.manual_seed(0)
 
 def qkv(n=37, m=None, b=2, h=3, d=8, dtype=torch.float64):
     m = m or n
-    return (torch.randn(b, h, n, d, dtype=dtype), torch.randn(b, h, m, d, dtype=dtype),
-            torch.randn(b, h, m, d, dtype=dtype))
+    return (
+        torch.randn(b, h, n, d, dtype=dtype),
+        torch.randn(b, h, m, d, dtype=dtype),
+        torch.randn(b, h, m, d, dtype=dtype),
+    )
 
 
 # -- chunked ---------------------------------------------------------------------------------
@@ -36,9 +46,12 @@ def test_chunked_is_exact_when_chunks_do_not_divide_the_length(query_chunk, key_
 
 
 GRAD_CELLS = [  # (n, m, causal, padded, query_chunk, key_chunk): chunks that divide nothing
-    (11, 11, False, False, 4, 5), (11, 11, True, False, 4, 5), (11, 13, True, True, 4, 5),
+    (11, 11, False, False, 4, 5),
+    (11, 11, True, False, 4, 5),
+    (11, 13, True, True, 4, 5),
     (13, 6, True, False, 5, 4),  # causal with n > m: the first 7 queries see no key
-    (6, 13, False, True, 4, 3), (9, 9, True, True, 9, 2),
+    (6, 13, False, True, 4, 3),
+    (9, 9, True, True, 9, 2),
 ]
 
 
@@ -48,11 +61,12 @@ def test_chunked_blockwise_backward_passes_gradcheck(n, m, causal, padded, query
     mask = None
     if padded:
         mask = torch.ones(2, m, dtype=torch.bool)
-        mask[0, m // 2:] = False
+        mask[0, m // 2 :] = False
         mask[1, :3] = False
     assert torch.autograd.gradcheck(
         lambda q, k, v: chunked_attention(q, k, v, mask, causal, query_chunk=query_chunk, key_chunk=key_chunk),
-        (q, k, v))
+        (q, k, v),
+    )
 
 
 @pytest.mark.parametrize("query_chunk,key_chunk", [(5, 7), (16, 4), (64, 64)])
@@ -68,9 +82,10 @@ def test_chunked_gradients_equal_the_exact_references(query_chunk, key_chunk, ca
         mask[1] = False  # every key of the second sequence is padding: its rows see nothing
     grad_out = torch.randn_like(q)
     grads = []
-    for attend in (lambda q, k, v: chunked_attention(q, k, v, mask, causal, query_chunk=query_chunk,
-                                                     key_chunk=key_chunk),
-                   lambda q, k, v: exact_attention(q, k, v, mask, causal)):
+    for attend in (
+        lambda q, k, v: chunked_attention(q, k, v, mask, causal, query_chunk=query_chunk, key_chunk=key_chunk),
+        lambda q, k, v: exact_attention(q, k, v, mask, causal),
+    ):
         inputs = [t.clone().requires_grad_() for t in (q, k, v)]
         grads.append(torch.autograd.grad((attend(*inputs) * grad_out).sum(), inputs))
     for name, got, expected in zip("qkv", *grads):
@@ -82,8 +97,16 @@ def test_chunked_rows_that_see_no_key_give_zeros_and_zero_gradients(use_checkpoi
     q, k, v = (t.requires_grad_() for t in qkv(n=12, m=5, b=2, h=2, d=4, dtype=torch.float32))
     mask = torch.ones(2, 5, dtype=torch.bool)
     mask[1] = False  # the second sequence has no real key
-    out = chunked_attention(q, k, v, mask, causal=True, query_chunk=4, key_chunk=2,  # rows 0..6 see no key
-                            use_checkpoint=use_checkpoint)
+    out = chunked_attention(
+        q,
+        k,
+        v,
+        mask,
+        causal=True,
+        query_chunk=4,
+        key_chunk=2,  # rows 0..6 see no key
+        use_checkpoint=use_checkpoint,
+    )
     out.square().sum().backward()
     assert (out[:, :, :7] == 0).all() and (out[1] == 0).all()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
@@ -204,12 +227,14 @@ def chunked_training_peak(n, causal=False, padded=False, dropout=0.0, use_checkp
     mask = (torch.arange(n) < n - 50)[None].expand(b, n) if padded else None
 
     def step():
-        out = chunked_attention(q, k, v, mask, causal, dropout, query_chunk=c, key_chunk=c,
-                                use_checkpoint=use_checkpoint)
+        out = chunked_attention(
+            q, k, v, mask, causal, dropout, query_chunk=c, key_chunk=c, use_checkpoint=use_checkpoint
+        )
         out.sum().backward()
 
-    model = get_backend("chunked").memory_bytes(Shape(b, h, d, n, n, causal, 4, "cpu"), True, query_chunk=c,
-                                                key_chunk=c, checkpoint=use_checkpoint)
+    model = get_backend("chunked").memory_bytes(
+        Shape(b, h, d, n, n, causal, 4, "cpu"), True, query_chunk=c, key_chunk=c, checkpoint=use_checkpoint
+    )
     return peak_memory_bytes(step, "cpu"), model
 
 
@@ -291,6 +316,7 @@ def test_xformers_on_cpu_is_unsupported_and_a_missing_build_is_unavailable():
 
 # -- GPU: every exact kernel against the fp32 reference, per-dtype tolerances ----------------
 GPU_TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 2e-2}  # forward, as in xformers' tests
+
 
 def gpu_cases() -> list[tuple[str, dict]]:
     """Every exact backend that runs on CUDA, once per value of each of its choice options

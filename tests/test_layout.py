@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, compose
 
 import bench.config
 from bench.benches import BENCHES, Bench, bench_names, get_bench, register_bench
 from bench.harness import run_job
 from bench.tasks import get_task, task_names
-from conftest import ROOT, compose
 from efficient.bounds import Bound
 
 
@@ -58,8 +58,13 @@ def test_bench_imports_have_no_cycle():
 
 
 def test_no_module_imports_another_modules_private_names():
-    taken = [(m, target, n) for m, edges in bench_imports().items() for target, names in edges for n in names
-             if n.startswith("_")]
+    taken = [
+        (m, target, n)
+        for m, edges in bench_imports().items()
+        for target, names in edges
+        for n in names
+        if n.startswith("_")
+    ]
     assert not taken, taken
 
 
@@ -104,7 +109,9 @@ def test_a_new_bench_is_one_registration_and_one_yaml(tmp_path, probe_bench):
     """A bench from outside the package: registered, given a yaml on Hydra's search path, it is
     composed, its bounds checked, and run by the harness into an ok record; nothing else is edited."""
     (tmp_path / "bench").mkdir()
-    (tmp_path / "bench" / "probe.yaml").write_text("defaults:\n  - /schema/bench/probe@_here_\n  - _self_\n\nname: probe\n")
+    (tmp_path / "bench" / "probe.yaml").write_text(
+        "defaults:\n  - /schema/bench/probe@_here_\n  - _self_\n\nname: probe\n"
+    )
     search = f"hydra.searchpath=[file://{tmp_path}]"
     cfg = compose("bench=probe", "seq_len=16", "device=cpu", search)
     assert bench.config.value_problems(cfg) == []

@@ -116,10 +116,11 @@ def test_approximation_error_shrinks_as_k_grows():
 def test_built_for_the_cells_length_while_the_record_keeps_the_configs_options():
     """max_len unset: the layer is built for seq_len (bench/cell.py), and the record's options stay
     the config's, so that one Linformer setting is one label across every length of a sweep."""
+    from conftest import compose
+
     from bench.cell import build_subject
     from bench.harness import new_record
     from bench.records import cell_label
-    from conftest import compose
 
     for n in (32, 64):
         cfg = compose("attention=linformer", "attention.k=8", f"seq_len={n}", "device=cpu")

@@ -60,7 +60,10 @@ def test_a_length_the_landmarks_do_not_divide_is_padded_at_the_front():
     """37 tokens, 8 landmarks: the same as 3 padded tokens before them (any values)."""
     attention = nystrom(landmarks=8)
     q, k, v = qkv(37)
-    front = lambda t: torch.cat([torch.randn(2, 4, 3, 16, dtype=torch.float64), t], dim=-2)
+
+    def front(t):
+        return torch.cat([torch.randn(2, 4, 3, 16, dtype=torch.float64), t], dim=-2)
+
     mask = torch.ones(2, 40, dtype=torch.bool)
     mask[:, :3] = False
     expected = attention.attend(front(q), front(k), front(v), mask, False)[..., 3:, :]
@@ -75,6 +78,8 @@ def test_gradients_against_finite_differences():
 
 def test_causal_is_refused_with_a_reason():
     assert "cannot be causal" in get_backend("nystrom").unsupported_reason(Setting("cpu", "float32", causal=True))
-    assert "cross-attention" in get_backend("nystrom").unsupported_reason(Setting("cpu", "float32", cross_attention=True))
+    assert "cross-attention" in get_backend("nystrom").unsupported_reason(
+        Setting("cpu", "float32", cross_attention=True)
+    )
     with pytest.raises(Unsupported, match="cannot be causal"):
         nystrom()(torch.randn(1, 16, 64, dtype=torch.float64), causal=True)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import compose
 
 from bench import tracking
 from bench.analysis.pick import pick
@@ -14,13 +15,19 @@ from bench.analysis.report import markdown
 from bench.harness import run_job
 from bench.output_check import beyond_tolerance, check_exact, nonfinite
 from bench.records import validate
-from conftest import compose
-from efficient.attention import Setting, get_backend
-from efficient.attention import flex
+from efficient.attention import Setting, flex, get_backend
 from efficient.attention.full import FullAttention
 
-ONE_LAYER = ["attention=full", "seq_len=24", "batch_size=2", "model.d_model=64", "model.n_heads=2", "bench.repeats=2",
-             "bench.warmup=1", "device=cpu"]
+ONE_LAYER = [
+    "attention=full",
+    "seq_len=24",
+    "batch_size=2",
+    "model.d_model=64",
+    "model.n_heads=2",
+    "bench.repeats=2",
+    "bench.warmup=1",
+    "device=cpu",
+]
 
 
 def plant(monkeypatch, fault):
@@ -82,23 +89,55 @@ def test_the_exact_output_stays_ok_and_approximate_backends_keep_their_error(tmp
 
 
 def test_the_tolerance_is_relative_to_the_output_scale_and_lives_with_the_backend():
-    assert get_backend("sdpa").capabilities.tolerance == {"float64": 1e-8, "float32": 1e-4, "float16": 4e-3,
-                                                          "bfloat16": 2e-2}
+    assert get_backend("sdpa").capabilities.tolerance == {
+        "float64": 1e-8,
+        "float32": 1e-4,
+        "float16": 4e-3,
+        "bfloat16": 2e-2,
+    }
     reference = torch.full((4,), 100.0)
     assert beyond_tolerance(reference + 5e-3, reference, 1e-4, "out")[1] is None  # 5e-3 < 1e-4 x 100
     assert beyond_tolerance(reference + 5e-2, reference, 1e-4, "out")[1] is not None
-    assert nonfinite(torch.tensor([[1.0, math.inf]]), "x", ("row", "column")) == \
-        "x: 1 Inf value(s) of 2, the first at row 0, column 1"
+    assert (
+        nonfinite(torch.tensor([[1.0, math.inf]]), "x", ("row", "column"))
+        == "x: 1 Inf value(s) of 2, the first at row 0, column 1"
+    )
 
 
 def wrong_and_ok(n, wrong_ms):
-    base = {"bench": "speed", "attention_options": {}, "exact": True, "seq_len": n, "device": "cpu", "dtype": "float32",
-            "causal": False, "scope": "attention", "batch_size": 1, "d_model": 64, "n_heads": 2}
+    base = {
+        "bench": "speed",
+        "attention_options": {},
+        "exact": True,
+        "seq_len": n,
+        "device": "cpu",
+        "dtype": "float32",
+        "causal": False,
+        "scope": "attention",
+        "batch_size": 1,
+        "d_model": 64,
+        "n_heads": 2,
+    }
     return [
-        {**base, "attention": "chunked", "status": "wrong", "reason": "the forward output: NaN", "fwd_bwd_ms": wrong_ms,
-         "fwd_bwd_peak_mem_mib": 1.0, "fwd_ms": wrong_ms, "fwd_peak_mem_mib": 1.0},
-        {**base, "attention": "full", "status": "ok", "fwd_bwd_ms": 10.0, "fwd_bwd_peak_mem_mib": 5.0,
-         "fwd_ms": 3.0, "fwd_peak_mem_mib": 2.0},
+        {
+            **base,
+            "attention": "chunked",
+            "status": "wrong",
+            "reason": "the forward output: NaN",
+            "fwd_bwd_ms": wrong_ms,
+            "fwd_bwd_peak_mem_mib": 1.0,
+            "fwd_ms": wrong_ms,
+            "fwd_peak_mem_mib": 1.0,
+        },
+        {
+            **base,
+            "attention": "full",
+            "status": "ok",
+            "fwd_bwd_ms": 10.0,
+            "fwd_bwd_peak_mem_mib": 5.0,
+            "fwd_ms": 3.0,
+            "fwd_peak_mem_mib": 2.0,
+        },
     ]
 
 
@@ -146,13 +185,16 @@ class FakeISA:
         return self.name
 
 
-@pytest.mark.parametrize("isa,head_dim,refused", [
-    (FakeISA("avx2", 256), 16, "writes out of bounds with inductor's avx2 code and head_dim=16"),
-    (FakeISA("avx2", 256), 8, "head_dim=8"),
-    (FakeISA("avx2", 256), 32, None),
-    (FakeISA("avx512", 512), 16, None),
-    (FakeISA("INVALID_VEC_ISA", 0), 64, "needs a vector ISA"),
-])
+@pytest.mark.parametrize(
+    "isa,head_dim,refused",
+    [
+        (FakeISA("avx2", 256), 16, "writes out of bounds with inductor's avx2 code and head_dim=16"),
+        (FakeISA("avx2", 256), 8, "head_dim=8"),
+        (FakeISA("avx2", 256), 32, None),
+        (FakeISA("avx512", 512), 16, None),
+        (FakeISA("INVALID_VEC_ISA", 0), 64, "needs a vector ISA"),
+    ],
+)
 def test_flex_is_refused_on_cpu_where_torch_miscompiles_it(monkeypatch, isa, head_dim, refused):
     monkeypatch.setattr(flex, "inductor_cpu_isa", lambda: isa)
     reason = get_backend("flex").cannot_run(Setting("cpu", "float32", head_dim=head_dim))

@@ -19,18 +19,45 @@ def exact(attention: str) -> bool:
 
 
 def speed(attention, n, fwd_bwd_ms=None, memory=None, status="ok", reason=None, device="cpu", causal=False, **extra):
-    return {"bench": "speed", "attention": attention, "attention_options": {}, "exact": exact(attention),
-            "record_version": 2, "seq_len": n, "status": status,
-            "reason": reason, "device": device, "dtype": "float32", "causal": causal, "scope": "attention",
-            "batch_size": 1, "d_model": 512, "n_heads": 8, "fwd_ms": fwd_bwd_ms and fwd_bwd_ms / 3,
-            "fwd_bwd_ms": fwd_bwd_ms, "fwd_peak_mem_mib": memory and memory / 2, "fwd_bwd_peak_mem_mib": memory,
-            **extra}
+    return {
+        "bench": "speed",
+        "attention": attention,
+        "attention_options": {},
+        "exact": exact(attention),
+        "record_version": 2,
+        "seq_len": n,
+        "status": status,
+        "reason": reason,
+        "device": device,
+        "dtype": "float32",
+        "causal": causal,
+        "scope": "attention",
+        "batch_size": 1,
+        "d_model": 512,
+        "n_heads": 8,
+        "fwd_ms": fwd_bwd_ms and fwd_bwd_ms / 3,
+        "fwd_bwd_ms": fwd_bwd_ms,
+        "fwd_peak_mem_mib": memory and memory / 2,
+        "fwd_bwd_peak_mem_mib": memory,
+        **extra,
+    }
 
 
 def accuracy(attention, task, value):
-    return {"bench": "accuracy", "attention": attention, "attention_options": {}, "exact": exact(attention),
-            "record_version": 2, "task": task, "status": "ok",
-            "metric": "test_accuracy", "value": value, "seq_len": 512, "device": "cpu", "dtype": "float32"}
+    return {
+        "bench": "accuracy",
+        "attention": attention,
+        "attention_options": {},
+        "exact": exact(attention),
+        "record_version": 2,
+        "task": task,
+        "status": "ok",
+        "metric": "test_accuracy",
+        "value": value,
+        "seq_len": 512,
+        "device": "cpu",
+        "dtype": "float32",
+    }
 
 
 def quadratic(name, scale=1.0):
@@ -70,14 +97,17 @@ def test_memory_budget_excludes_with_the_prediction():
 
 def test_measured_oom_and_unsupported_are_excluded_with_their_reasons():
     records = quadratic("full") + [speed("full", 8192, status="oom", reason="predicted 40 GiB > budget")]
-    records += linear("sdpa") + [speed("linformer", 4096, status="unsupported", reason="linformer cannot be causal",
-                                       causal=True)]
+    records += linear("sdpa") + [
+        speed("linformer", 4096, status="unsupported", reason="linformer cannot be causal", causal=True)
+    ]
     records += [speed("sdpa", n, 1.0 * n / 1024, 10, causal=True) for n in LENGTHS]
     rec = pick(records, 16384)
     assert "out of memory already at n=8192" in dict((e.backend, e.reason) for e in rec.excluded)["full"]
     causal = pick(records, 4096, causal=True)
     assert names(causal.ranked) == ["sdpa"]
-    assert dict((e.backend, e.reason) for e in causal.excluded)["linformer"] == "unsupported: linformer cannot be causal"
+    assert (
+        dict((e.backend, e.reason) for e in causal.excluded)["linformer"] == "unsupported: linformer cannot be causal"
+    )
 
 
 def test_approximate_backends_need_accuracy_evidence():
@@ -101,11 +131,15 @@ def test_accuracy_floor_excludes_backends_below_it_or_unmeasured():
 
 def test_bits_per_character_is_a_ceiling_not_a_floor():
     records = linear("sdpa") + linear("linformer")
-    records += [dict(accuracy(name, "charlm", bpc), metric="test_bpc")
-                for name, bpc in [("sdpa", 2.1), ("sdpa", 1.9), ("linformer", 2.4)]]
+    records += [
+        dict(accuracy(name, "charlm", bpc), metric="test_bpc")
+        for name, bpc in [("sdpa", 2.1), ("sdpa", 1.9), ("linformer", 2.4)]
+    ]
     rec = pick(records, 4096, min_accuracy={"charlm": 2.0})
     assert names(rec.ranked) == ["sdpa"] and rec.ranked[0].accuracy == {"charlm": 1.9}  # the best is the lowest
-    assert dict((e.backend, e.reason) for e in rec.excluded)["linformer"] == "charlm test_bpc 2.4 is above the ceiling 2"
+    assert (
+        dict((e.backend, e.reason) for e in rec.excluded)["linformer"] == "charlm test_bpc 2.4 is above the ceiling 2"
+    )
 
 
 def test_other_devices_and_too_few_points():
@@ -133,10 +167,13 @@ def test_a_sparse_mask_is_not_exact_and_approximations_show_their_error_against_
     """`sliding_window` is exact only under its mask: like `linear`, it is ranked only on request,
     with its measured error beside it; at a length measured without an error figure, the error of
     the longest length that has one, and that length."""
-    records = [speed("sliding_window", n, 3 * n / 1024, 10 * n / 1024, max_abs_err=3e-8, max_abs_err_vs_full=0.06)
-               for n in LENGTHS]
-    records += [speed("linear", n, 2 * n / 1024, 10 * n / 1024, max_abs_err=0.02 if n < 4096 else None)
-                for n in LENGTHS]
+    records = [
+        speed("sliding_window", n, 3 * n / 1024, 10 * n / 1024, max_abs_err=3e-8, max_abs_err_vs_full=0.06)
+        for n in LENGTHS
+    ]
+    records += [
+        speed("linear", n, 2 * n / 1024, 10 * n / 1024, max_abs_err=0.02 if n < 4096 else None) for n in LENGTHS
+    ]
     records += quadratic("full")
     rec = pick(records, 4096)
     assert names(rec.ranked) == ["full"]

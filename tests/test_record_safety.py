@@ -11,25 +11,49 @@ import stat
 
 import pytest
 import torch
+from conftest import compose, results_under, run_cli
 
 from bench import records, resume, tracking
 from bench.analysis import pick
 from bench.benches.accuracy import save_checkpoint
 from bench.config import value_problems
 from bench.harness import run_job
-from conftest import compose, results_under, run_cli
 
 CHEAP = ["attention=full", "seq_len=32", "model.d_model=64", "model.n_heads=4", "bench.repeats=2", "bench.warmup=1"]
-LISTOPS = ["bench=accuracy", "task=listops", "task.n_train=64", "task.n_val=16", "task.n_test=16",
-           "task.min_length=10", "task.max_length=40", "seq_len=64", "batch_size=8", "model.d_model=32",
-           "model.n_heads=2", "model.n_layers=1", "model.d_ff=64", "bench.steps=4", "bench.eval_every=2",
-           "bench.progress=false", "device=cpu"]
+LISTOPS = [
+    "bench=accuracy",
+    "task=listops",
+    "task.n_train=64",
+    "task.n_val=16",
+    "task.n_test=16",
+    "task.min_length=10",
+    "task.max_length=40",
+    "seq_len=64",
+    "batch_size=8",
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.n_layers=1",
+    "model.d_ff=64",
+    "bench.steps=4",
+    "bench.eval_every=2",
+    "bench.progress=false",
+    "device=cpu",
+]
 
 
 def a_record(**fields) -> dict:
     """A minimal valid record (only what placing and reading need)."""
-    return {"attention": "full", "bench": "speed", "status": "ok", "seq_len": 64, "dtype": "float32",
-            "device": "cpu", "config_hash": "cafe", "final": True, **fields}
+    return {
+        "attention": "full",
+        "bench": "speed",
+        "status": "ok",
+        "seq_len": 64,
+        "dtype": "float32",
+        "device": "cpu",
+        "config_hash": "cafe",
+        "final": True,
+        **fields,
+    }
 
 
 # -- lost or overwritten records ----------------------------------------------------------------
@@ -155,8 +179,10 @@ def test_resume_report_and_pick_go_on_past_a_truncated_record(tmp_path):
     assert "skipped 1 cell(s)" in resumed.stdout  # the other cell; the damaged one ran again
     assert (tmp_path / "sweep" / "report.md").exists()
     assert len(results_under_safely(tmp_path / "sweep")) == 2
-    for tool in (["-m", "bench.report", str(tmp_path / "sweep")],
-                 ["-m", "bench.pick", str(tmp_path / "sweep"), "--seq-len", "64"]):
+    for tool in (
+        ["-m", "bench.report", str(tmp_path / "sweep")],
+        ["-m", "bench.pick", str(tmp_path / "sweep"), "--seq-len", "64"],
+    ):
         out = run_python(tool, tmp_path)
         assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
 
@@ -191,11 +217,15 @@ def test_a_missing_device_is_not_final_and_resume_runs_it_again(tmp_path):
 def test_a_missing_package_is_not_final_but_a_backend_limit_is(tmp_path, monkeypatch):
     from efficient.attention import get_backend
 
-    monkeypatch.setattr(get_backend("full"), "unavailable_reason",
-                        classmethod(lambda cls, cell, **o: "somepackage is not installed"))
+    monkeypatch.setattr(
+        get_backend("full"), "unavailable_reason", classmethod(lambda cls, cell, **o: "somepackage is not installed")
+    )
     missing = run_job(compose(*CHEAP))
-    assert (missing["status"], missing["final"], missing["reason"]) == ("unsupported", False,
-                                                                        "somepackage is not installed")
+    assert (missing["status"], missing["final"], missing["reason"]) == (
+        "unsupported",
+        False,
+        "somepackage is not installed",
+    )
     limit = run_job(compose(*CHEAP, "attention=linformer", "causal=true"))
     assert (limit["status"], limit["final"]) == ("unsupported", True)
     records.place(tmp_path / "a", limit)
@@ -239,7 +269,9 @@ def test_valid_configs_have_no_value_problems():
         assert value_problems(compose(f"attention={name}")) == [], name
 
 
-@pytest.mark.parametrize("args", [["seq_len=0"], ["-m", "seq_len=64,0"], ["-m", "attention=xl", "attention.mem_len=-1"]])
+@pytest.mark.parametrize(
+    "args", [["seq_len=0"], ["-m", "seq_len=64,0"], ["-m", "attention=xl", "attention.mem_len=-1"]]
+)
 def test_the_cli_refuses_bad_values_before_running(tmp_path, args):
     out = run_cli(*args, cwd=tmp_path)
     assert out.returncode != 0 and "Traceback" not in out.stderr + out.stdout
@@ -254,9 +286,24 @@ def test_linformer_with_k_beyond_the_length_is_unsupported_not_an_error():
 
 
 def speed_records(lengths):
-    return [a_record(attention=name, exact=True, seq_len=n, fwd_ms=t * n, fwd_bwd_ms=3 * t * n, fwd_bwd_peak_mem_mib=n / 8,
-                     fwd_peak_mem_mib=n / 16, causal=False, scope="attention", batch_size=1, d_model=64, n_heads=4)
-            for name, t in (("full", 1e-3), ("sdpa", 5e-4)) for n in lengths]
+    return [
+        a_record(
+            attention=name,
+            exact=True,
+            seq_len=n,
+            fwd_ms=t * n,
+            fwd_bwd_ms=3 * t * n,
+            fwd_bwd_peak_mem_mib=n / 8,
+            fwd_peak_mem_mib=n / 16,
+            causal=False,
+            scope="attention",
+            batch_size=1,
+            d_model=64,
+            n_heads=4,
+        )
+        for name, t in (("full", 1e-3), ("sdpa", 5e-4))
+        for n in lengths
+    ]
 
 
 @pytest.mark.parametrize("bad", ["0", "-5", "x"])
@@ -279,8 +326,17 @@ def test_pick_refuses_far_extrapolation_unless_asked():
 
 def test_wandb_run_names_tell_every_cell_apart():
     base = run_job(compose(*CHEAP))
-    variants = [run_job(compose(*CHEAP, extra)) for extra in
-                ("causal=true", "batch_size=2", "model.n_heads=8", "bench.scope=model", "seed=1", "bench.pad_fraction=0.5")]
+    variants = [
+        run_job(compose(*CHEAP, extra))
+        for extra in (
+            "causal=true",
+            "batch_size=2",
+            "model.n_heads=8",
+            "bench.scope=model",
+            "seed=1",
+            "bench.pad_fraction=0.5",
+        )
+    ]
     names = [tracking.run_name(r) for r in (base, *variants)]
     assert len(set(names)) == len(names), names
     assert "-causal-" in names[1] and "-b2-" in names[2] and "-8x8-" in names[3]

@@ -6,16 +6,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose
 
 from bench import records
 from bench.analysis import report
 from bench.harness import run_job
-from conftest import compose
 
 
 def speed_record(*overrides):
-    cfg = compose("attention=full", "seq_len=32", "bench.repeats=2", "bench.warmup=1", "model.d_model=64",
-                  "model.n_heads=4", *overrides)
+    cfg = compose(
+        "attention=full",
+        "seq_len=32",
+        "bench.repeats=2",
+        "bench.warmup=1",
+        "model.d_model=64",
+        "model.n_heads=4",
+        *overrides,
+    )
     return run_job(cfg)
 
 
@@ -130,10 +137,17 @@ def test_the_analysis_side_runs_without_torch(tmp_path, module, arguments):
 
     study = Path(__file__).resolve().parent.parent / "results" / "main_job_cpu"
     argv = [module, str(study), *(a.format(out=tmp_path) for a in arguments)]
-    code = ("import runpy, sys; sys.modules['torch'] = None; "
-            f"sys.argv = {argv!r}; runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parent.parent)
+    code = (
+        "import runpy, sys; sys.modules['torch'] = None; "
+        f"sys.argv = {argv!r}; runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "sdpa" in done.stdout and "torch" not in done.stderr
 
@@ -141,13 +155,26 @@ def test_the_analysis_side_runs_without_torch(tmp_path, module, arguments):
 def test_report_compares_two_folders_cell_by_cell(tmp_path, capsys):
     """--compare: the cells both folders hold, side by side with B / A; a cell that did not run
     in one shows its status; cells in one folder only are counted."""
-    def record(n, ms, machine, status="ok"):
-        return {"attention": "sdpa", "label": "sdpa", "bench": "speed", "status": status, "seq_len": n,
-                "dtype": "float32", "device": "cpu", "device_name": machine, "causal": False, "fwd_ms": ms,
-                "reason": None if status == "ok" else "predicted peak memory exceeds the budget"}
 
-    for folder, machine, cells in (("a", "cpu A", [(1024, 10.0), (2048, 40.0), (4096, 160.0)]),
-                                   ("b", "cpu B", [(1024, 5.0), (2048, 30.0), (8192, 90.0)])):
+    def record(n, ms, machine, status="ok"):
+        return {
+            "attention": "sdpa",
+            "label": "sdpa",
+            "bench": "speed",
+            "status": status,
+            "seq_len": n,
+            "dtype": "float32",
+            "device": "cpu",
+            "device_name": machine,
+            "causal": False,
+            "fwd_ms": ms,
+            "reason": None if status == "ok" else "predicted peak memory exceeds the budget",
+        }
+
+    for folder, machine, cells in (
+        ("a", "cpu A", [(1024, 10.0), (2048, 40.0), (4096, 160.0)]),
+        ("b", "cpu B", [(1024, 5.0), (2048, 30.0), (8192, 90.0)]),
+    ):
         for n, ms in cells:
             records.write_atomic(tmp_path / folder / str(n) / "result.json", record(n, ms, machine))
     records.write_atomic(tmp_path / "b" / "4096" / "result.json", record(4096, None, "cpu B", status="oom"))

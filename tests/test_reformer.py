@@ -70,14 +70,15 @@ def test_lsh_attention_equals_the_dense_ticket_formulation(n, chunk, rounds, cau
     mask = None
     if padded:
         mask = torch.ones(2, n, dtype=torch.bool)
-        mask[1, n - 11:] = False
+        mask[1, n - 11 :] = False
     out = attention.attend(q, q, v, mask, causal)
     q_ref, v_ref = (t.detach().clone().requires_grad_() for t in (q, v))
     factors = bucket_factors(-(-n // chunk) * chunk, chunk)
     reference = dense_lsh(attention, q_ref, v_ref, mask, causal, factors)
     assert (out - reference).abs().max() < 1e-10
-    for g, g_ref in zip(torch.autograd.grad(out.square().sum(), (q, v)),
-                        torch.autograd.grad(reference.square().sum(), (q_ref, v_ref))):
+    for g, g_ref in zip(
+        torch.autograd.grad(out.square().sum(), (q, v)), torch.autograd.grad(reference.square().sum(), (q_ref, v_ref))
+    ):
         assert (g - g_ref).abs().max() < 1e-9
 
 
@@ -103,7 +104,8 @@ def test_causal_is_refused_because_future_tokens_move_the_chunk_boundaries():
     """With the causal mask, a query still sees only earlier keys, but the later tokens' buckets
     decide which earlier keys fall into its chunk: past outputs change with the future."""
     assert "changing a future token changes past outputs" in get_backend("reformer").cannot_run(
-        Setting("cpu", "float32", causal=True))
+        Setting("cpu", "float32", causal=True)
+    )
     torch.manual_seed(0)
     attention = build_attention("reformer", 32, 2, chunk=8, rounds=1).double()
     q, v = torch.randn(1, 2, 64, 16, dtype=torch.float64), torch.randn(1, 2, 64, 16, dtype=torch.float64)

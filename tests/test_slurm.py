@@ -7,14 +7,23 @@ import subprocess
 import time
 
 import pytest
+from conftest import compose, results_under, run_cli
 
 from bench.cell import job_memory_gb
-from conftest import compose, results_under, run_cli
 
 pytestmark = pytest.mark.slurm
 
-CELLS = ["attention=full,chunked", "seq_len=64,128", "device=cpu", "model.d_model=64", "model.n_heads=4",
-         "bench.warmup=1", "bench.repeats=2", "hydra/launcher=slurm_cpu", "hydra.launcher.timeout_min=5"]
+CELLS = [
+    "attention=full,chunked",
+    "seq_len=64,128",
+    "device=cpu",
+    "model.d_model=64",
+    "model.n_heads=4",
+    "bench.warmup=1",
+    "bench.repeats=2",
+    "hydra/launcher=slurm_cpu",
+    "hydra.launcher.timeout_min=5",
+]
 
 
 def sweep(cluster, tmp_path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -27,7 +36,11 @@ def test_a_sweep_runs_as_slurm_jobs_and_every_cell_is_recorded(slurm, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     records = results_under(tmp_path / "sweep")
     assert sorted((r["attention"], r["seq_len"], r["status"]) for r in records) == [
-        ("chunked", 64, "ok"), ("chunked", 128, "ok"), ("full", 64, "ok"), ("full", 128, "ok")]
+        ("chunked", 64, "ok"),
+        ("chunked", 128, "ok"),
+        ("full", 64, "ok"),
+        ("full", 128, "ok"),
+    ]
     assert all(r["threads"] == 1 for r in records)  # the one core each job was given (cpus_per_task=1)
     jobs = slurm.finished_jobs(at_least=before + 4)[before:]
     assert len(jobs) == 4 and all("JobState=COMPLETED" in j for j in jobs)
@@ -53,8 +66,11 @@ def test_an_impossible_request_stops_the_sweep_at_once_with_slurms_reason(slurm,
     started = time.monotonic()
     out = sweep(slurm, tmp_path, "hydra.launcher.cpus_per_task=512")
     assert out.returncode != 0 and time.monotonic() - started < 60
-    assert "the cluster refused the jobs: sbatch: error: Batch job submission failed: More processors requested" \
-        in out.stderr and "Traceback" not in out.stderr
+    assert (
+        "the cluster refused the jobs: sbatch: error: Batch job submission failed: More processors requested"
+        in out.stderr
+        and "Traceback" not in out.stderr
+    )
     assert not results_under(tmp_path / "sweep")
 
 
@@ -66,8 +82,9 @@ def test_memory_is_asked_from_the_memory_model(slurm, tmp_path):
     assert huge.returncode != 0 and "the cluster refused the jobs" in huge.stderr
     small = sweep(slurm, tmp_path, "attention=full", "seq_len=64")
     assert small.returncode == 0, small.stderr[-3000:]
-    expected = job_memory_gb(compose("attention=full", "seq_len=64", "device=cpu", "model.d_model=64",
-                                     "model.n_heads=4"))
+    expected = job_memory_gb(
+        compose("attention=full", "seq_len=64", "device=cpu", "model.d_model=64", "model.n_heads=4")
+    )
     assert f"Tres=cpu=1,mem={expected}G," in slurm.finished_jobs(at_least=before + 1)[-1]  # what the job was given
 
 
@@ -78,15 +95,40 @@ def start_training(slurm, tmp_path, timeout_min: int) -> tuple[subprocess.Popen,
 
     from conftest import ROOT
 
-    training = ["-m", "bench=accuracy", "task=recall", "causal=true", "attention=full", "seq_len=32",
-                "model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=64", "task.vocab_size=32",
-                "task.n_pairs=4", "task.n_queries=4", "task.n_train=256", "task.n_val=32", "task.n_test=32",
-                "batch_size=8", "bench.steps=3000", "bench.eval_every=100", "bench.progress=false",
-                "hydra/launcher=slurm_cpu", f"hydra.launcher.timeout_min={timeout_min}",
-                f"hydra.sweep.dir={tmp_path}/sweep"]
+    training = [
+        "-m",
+        "bench=accuracy",
+        "task=recall",
+        "causal=true",
+        "attention=full",
+        "seq_len=32",
+        "model.d_model=32",
+        "model.n_heads=2",
+        "model.n_layers=1",
+        "model.d_ff=64",
+        "task.vocab_size=32",
+        "task.n_pairs=4",
+        "task.n_queries=4",
+        "task.n_train=256",
+        "task.n_val=32",
+        "task.n_test=32",
+        "batch_size=8",
+        "bench.steps=3000",
+        "bench.eval_every=100",
+        "bench.progress=false",
+        "hydra/launcher=slurm_cpu",
+        f"hydra.launcher.timeout_min={timeout_min}",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+    ]
     env = {**os.environ, **slurm.env, "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
-    sweep = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *training], cwd=tmp_path, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sweep = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *training],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 180
     while not list((tmp_path / "sweep").rglob("last.pt")):
         assert time.monotonic() < deadline and sweep.poll() is None, "no checkpoint was written"

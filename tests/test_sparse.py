@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import requires_cuda, skip_unless_available
+
 from efficient.attention import attention_factory, build_attention, get_backend, sparse
 from efficient.attention.base import Setting, Unsupported
 from efficient.attention.functional import exact_attention
@@ -93,8 +93,9 @@ def test_blockwise_attention_and_its_backward_equal_the_written_out_mask(name, c
     spread = [t.repeat_interleave(4 // kv_heads, dim=1) for t in ref_inputs[1:]]
     reference = expected(name, attention, ref_inputs[0], *spread, mask, causal)
     assert (out - reference).abs().max() < 1e-10
-    for g, g_ref in zip(torch.autograd.grad(out.square().sum(), (q, k, v)),
-                        torch.autograd.grad(reference.square().sum(), ref_inputs)):
+    for g, g_ref in zip(
+        torch.autograd.grad(out.square().sum(), (q, k, v)), torch.autograd.grad(reference.square().sum(), ref_inputs)
+    ):
         assert (g - g_ref).abs().max() < 1e-9
 
 
@@ -179,7 +180,9 @@ def test_grouped_query_heads_read_their_group_s_keys(name):
     attention = build_attention(name, 64, 4, n_kv_heads=2, **CASES[name][0]).double()
     q, k, v = qkv(N, kv_heads=2)
     spread = [t.repeat_interleave(2, dim=1) for t in (k, v)]
-    assert (attention.attend(q, k, v, None, False) - expected(name, attention, q, *spread, None, False)).abs().max() < 1e-10
+    assert (
+        attention.attend(q, k, v, None, False) - expected(name, attention, q, *spread, None, False)
+    ).abs().max() < 1e-10
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -233,6 +236,7 @@ def test_decode_steps_read_only_the_keys_they_see_and_equal_the_masked_reference
 def test_a_decode_step_reads_the_keys_it_sees_not_the_whole_cache():
     """What the decode bench counts as read (its bandwidth figure): the newest query's key blocks;
     BigBird's newest query stands in its global last block and reads every key."""
+
     def keys_read(name, length):
         options, _ = CASES[name]
         return get_backend(name).decoding_read_elements(2, 16, length, **options) // (2 * 2 * 16)
@@ -283,11 +287,21 @@ def test_band_columns_are_the_blocks_their_offsets_name(name, n_blocks):
 
 
 def test_a_sparse_record_keeps_its_error_under_its_mask_and_against_full_attention(tmp_path):
-    from bench.harness import run_job
     from conftest import compose
 
-    cfg = compose("attention=sliding_window", "attention.window=16", "attention.block=8", "seq_len=96",
-                  "model.d_model=64", "model.n_heads=2", "device=cpu", "bench.warmup=0", "bench.repeats=1")
+    from bench.harness import run_job
+
+    cfg = compose(
+        "attention=sliding_window",
+        "attention.window=16",
+        "attention.block=8",
+        "seq_len=96",
+        "model.d_model=64",
+        "model.n_heads=2",
+        "device=cpu",
+        "bench.warmup=0",
+        "bench.repeats=1",
+    )
     record = run_job(cfg, output_dir=tmp_path)
     assert record["status"] == "ok", record.get("reason")
     assert record["max_abs_err"] < 1e-5 < record["max_abs_err_vs_full"]  # exact under its mask, not to full
@@ -299,8 +313,9 @@ def test_lra_table_puts_measured_ratios_beside_lra_s():
     def record(attention, n, ms, mib):
         return {"attention": attention, "seq_len": n, "status": "ok", "fwd_bwd_ms": ms, "peak_mem_mib": mib}
 
-    text = table([record("full", 4096, 800.0, 1000.0), record("sdpa", 4096, 400.0, 100.0),
-                  record("linear", 4096, 100.0, 200.0)])
+    text = table(
+        [record("full", 4096, 800.0, 1000.0), record("sdpa", 4096, 400.0, 100.0), record("linear", 4096, 100.0, 200.0)]
+    )
     assert "| linear | 4096 | 8.0x / 0.20 | 4.0x / 2.00 | 5.6x / 0.11 | 100 / 200 |" in text
     assert "| sdpa | 4096 | 2.0x / 0.10 |  | no row |" in text
 
@@ -311,12 +326,23 @@ def test_lra_table_keeps_two_settings_of_one_backend_apart():
     from bench.analysis.lra_table import table
 
     def record(ms, label, **options):  # the label is written when measuring: the options away from the defaults
-        return {"attention": "reformer", "attention_options": options, "label": label, "seq_len": 4096,
-                "status": "ok", "fwd_bwd_ms": ms, "peak_mem_mib": 100.0}
+        return {
+            "attention": "reformer",
+            "attention_options": options,
+            "label": label,
+            "seq_len": 4096,
+            "status": "ok",
+            "fwd_bwd_ms": ms,
+            "peak_mem_mib": 100.0,
+        }
 
-    text = table([{"attention": "full", "seq_len": 4096, "status": "ok", "fwd_bwd_ms": 800.0, "peak_mem_mib": 1000.0},
-                  record(400.0, "reformer", chunk=64, rounds=2),
-                  record(200.0, "reformer[chunk=410,rounds=1,buckets=10]", chunk=410, rounds=1, buckets=10)])
+    text = table(
+        [
+            {"attention": "full", "seq_len": 4096, "status": "ok", "fwd_bwd_ms": 800.0, "peak_mem_mib": 1000.0},
+            record(400.0, "reformer", chunk=64, rounds=2),
+            record(200.0, "reformer[chunk=410,rounds=1,buckets=10]", chunk=410, rounds=1, buckets=10),
+        ]
+    )
     assert "| reformer | 4096 | 2.0x / 0.10 | - | 0.8x / 0.24 | 400 / 100 |" in text
     assert "| reformer (chunk=410, rounds=1, buckets=10) | 4096 | 4.0x / 0.10 | - | 0.8x / 0.24 | 200 / 100 |" in text
 
@@ -325,14 +351,30 @@ def test_lra_table_puts_listops_accuracy_beside_lra_s_table_1():
     from bench.analysis.lra_table import listops_table
 
     def record(attention, accuracy, label=None, **options):
-        return {"attention": attention, "attention_options": options, "label": label or attention,
-                "bench": "accuracy", "task": "listops",
-                "status": "ok", "metric": "test_accuracy", "value": accuracy, "peak_mem_mib": 200.0,
-                "extra": {"best_val_accuracy": accuracy + 0.01, "best_step": 600, "train_seconds": 600.0}}
+        return {
+            "attention": attention,
+            "attention_options": options,
+            "label": label or attention,
+            "bench": "accuracy",
+            "task": "listops",
+            "status": "ok",
+            "metric": "test_accuracy",
+            "value": accuracy,
+            "peak_mem_mib": 200.0,
+            "extra": {"best_val_accuracy": accuracy + 0.01, "best_step": 600, "train_seconds": 600.0},
+        }
 
-    rows = listops_table([record("full", 0.31), record("local", 0.29, "local[block=8]", block=8, kernel="auto"),
-                          record("nystrom", 0.33, landmarks=64), {"attention": "linear", "status": "failed"}])
+    rows = listops_table(
+        [
+            record("full", 0.31),
+            record("local", 0.29, "local[block=8]", block=8, kernel="auto"),
+            record("nystrom", 0.33, landmarks=64),
+            {"attention": "linear", "status": "failed"},
+        ]
+    )
     lines = rows.splitlines()[2:]
-    assert lines == ["| nystrom | 33.0% | 34.0% (600) | 10.0 | 200 | no row |",
-                     "| full | 31.0% | 32.0% (600) | 10.0 | 200 | 36.37% |",
-                     "| local (block=8) | 29.0% | 30.0% (600) | 10.0 | 200 | 15.82% |"]
+    assert lines == [
+        "| nystrom | 33.0% | 34.0% (600) | 10.0 | 200 | no row |",
+        "| full | 31.0% | 32.0% (600) | 10.0 | 200 | 36.37% |",
+        "| local (block=8) | 29.0% | 30.0% (600) | 10.0 | 200 | 15.82% |",
+    ]

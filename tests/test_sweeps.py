@@ -8,11 +8,11 @@ import threading
 import time
 
 import pytest
+from conftest import ROOT, compose, results_under, run_cli
 
 from bench import device_lock
 from bench.harness import new_record
 from bench.records import config_hash
-from conftest import ROOT, compose, results_under, run_cli
 
 CHEAP = ["device=cpu", "bench.warmup=0", "bench.repeats=2", "bench.check_error=false"]
 
@@ -48,8 +48,9 @@ def test_a_sweep_killed_with_sigkill_resumes_with_every_cell_recorded_once(tmp_p
     cells = ["-m", "attention=full", lengths, "device=cpu", "bench.warmup=1", "bench.repeats=20"]
     env = {**os.environ, "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
     command = [sys.executable, str(ROOT / "run.py"), *cells, f"hydra.sweep.dir={tmp_path}/sweep"]
-    sweep = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    sweep = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 240
     while len(list((tmp_path / "sweep").rglob("result.json"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -67,20 +68,33 @@ def test_a_sweep_killed_with_sigkill_resumes_with_every_cell_recorded_once(tmp_p
 
 
 def test_submitit_local_runs_each_job_in_its_own_process(tmp_path):
-    out = run_cli("-m", "hydra/launcher=submitit_local", "attention=full,chunked", "seq_len=256,512", *CHEAP,
-                  cwd=tmp_path)
+    out = run_cli(
+        "-m", "hydra/launcher=submitit_local", "attention=full,chunked", "seq_len=256,512", *CHEAP, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr
     records = results_under(tmp_path / "sweep")
     assert sorted((r["attention"], r["seq_len"], r["status"]) for r in records) == [
-        ("chunked", 256, "ok"), ("chunked", 512, "ok"), ("full", 256, "ok"), ("full", 512, "ok")]
+        ("chunked", 256, "ok"),
+        ("chunked", 512, "ok"),
+        ("full", 256, "ok"),
+        ("full", 512, "ok"),
+    ]
     assert len({r["pid"] for r in records}) == 4 and os.getpid() not in {r["pid"] for r in records}
 
 
 @pytest.mark.slow
 def test_ray_launcher_runs_a_sweep_on_a_local_cluster(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_ray_launcher")
-    out = run_cli("-m", "hydra/launcher=ray", "attention=full", "seq_len=32,64", *CHEAP, cwd=tmp_path,
-                  env={"RAY_USAGE_STATS_ENABLED": "0"}, timeout=600)
+    out = run_cli(
+        "-m",
+        "hydra/launcher=ray",
+        "attention=full",
+        "seq_len=32,64",
+        *CHEAP,
+        cwd=tmp_path,
+        env={"RAY_USAGE_STATS_ENABLED": "0"},
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     records = results_under(tmp_path / "sweep")
     assert sorted((r["seq_len"], r["status"]) for r in records) == [(32, "ok"), (64, "ok")]
@@ -137,8 +151,9 @@ def test_maxlen_doubles_then_bisects_to_the_resolution():
 
 
 def test_maxlen_by_measuring_runs_the_step():
-    record = longest("attention=full", "bench.method=measure", "bench.memory_budget_gib=0.05", "seq_len=128",
-                     "bench.resolution=64")
+    record = longest(
+        "attention=full", "bench.method=measure", "bench.memory_budget_gib=0.05", "seq_len=128", "bench.resolution=64"
+    )
     assert record["extra"]["method"] == "measure" and 128 <= record["value"] < 4096
     assert all(t["peak_mib"] > 0 for t in record["extra"]["tried"])  # measured peaks, not predictions
 
@@ -154,19 +169,30 @@ def test_maxlen_on_gpu_recovers_from_real_out_of_memory():
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    record = run_job(compose("bench=maxlen", "attention=full", "device=cuda", "dtype=bfloat16",
-                             "bench.memory_budget_gib=1000", "seq_len=4096", "bench.resolution=1024"))
+    record = run_job(
+        compose(
+            "bench=maxlen",
+            "attention=full",
+            "device=cuda",
+            "dtype=bfloat16",
+            "bench.memory_budget_gib=1000",
+            "seq_len=4096",
+            "bench.resolution=1024",
+        )
+    )
     assert record["status"] == "ok" and record["extra"]["method"] == "measure"
     assert any(t["peak_mib"] is None for t in record["extra"]["tried"])  # a real OOM, caught
     assert torch.cuda.memory_allocated() < 2**30  # and freed
 
 
 def launcher(name):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=[f"hydra/launcher={name}"],
-                             return_hydra_config=True).hydra.launcher
+        return hydra_compose(
+            config_name="config", overrides=[f"hydra/launcher={name}"], return_hydra_config=True
+        ).hydra.launcher
 
 
 def test_cluster_launchers_give_each_job_a_gpu():
@@ -177,21 +203,43 @@ def test_cluster_launchers_give_each_job_a_gpu():
 
 
 def test_joblib_runs_accuracy_jobs_side_by_side(tmp_path):
-    tiny = ["bench=accuracy", "task=recall", "causal=true", "task.vocab_size=16", "task.n_pairs=2", "task.n_queries=2",
-            "task.n_train=64", "task.n_val=16", "task.n_test=16", "seq_len=16", "batch_size=8", "model.d_model=16",
-            "model.n_heads=2", "model.n_layers=1", "model.d_ff=32", "bench.steps=4", "bench.eval_every=4",
-            "bench.progress=false", "bench.threads=1", "device=cpu"]
+    tiny = [
+        "bench=accuracy",
+        "task=recall",
+        "causal=true",
+        "task.vocab_size=16",
+        "task.n_pairs=2",
+        "task.n_queries=2",
+        "task.n_train=64",
+        "task.n_val=16",
+        "task.n_test=16",
+        "seq_len=16",
+        "batch_size=8",
+        "model.d_model=16",
+        "model.n_heads=2",
+        "model.n_layers=1",
+        "model.d_ff=32",
+        "bench.steps=4",
+        "bench.eval_every=4",
+        "bench.progress=false",
+        "bench.threads=1",
+        "device=cpu",
+    ]
     out = run_cli("-m", "hydra/launcher=joblib_cpu", "attention=full,sdpa", *tiny, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     records = results_under(tmp_path / "sweep")
-    assert sorted((r["attention"], r["status"], r["threads"]) for r in records) == [("full", "ok", 1), ("sdpa", "ok", 1)]
+    assert sorted((r["attention"], r["status"], r["threads"]) for r in records) == [
+        ("full", "ok", 1),
+        ("sdpa", "ok", 1),
+    ]
     assert len({r["pid"] for r in records}) == 2
 
 
 # -- named studies ----------------------------------------------------------------------------
 @pytest.mark.parametrize("study", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
 def test_every_study_composes_against_the_schema(study):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -206,8 +254,16 @@ def test_every_study_composes_against_the_schema(study):
 
 def test_the_memory_guard_never_predicts_less_than_the_measured_peak(backend_name):
     """The guard (and maxlen's CPU search) is only safe if its model bounds the real peak."""
-    record = run_job(compose(f"attention={backend_name}", "device=cpu", "seq_len=2048", "bench.warmup=0",
-                             "bench.repeats=1", "bench.check_error=false"))
+    record = run_job(
+        compose(
+            f"attention={backend_name}",
+            "device=cpu",
+            "seq_len=2048",
+            "bench.warmup=0",
+            "bench.repeats=1",
+            "bench.check_error=false",
+        )
+    )
     if record["status"] == "unsupported":
         pytest.skip(record["reason"])
     assert record["status"] == "ok", record.get("reason")

@@ -5,11 +5,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, compose
 
 from bench import tracking
 from bench.analysis.dashboard import build_workspace, main
 from bench.harness import new_record, run_job
-from conftest import ROOT, compose
 
 
 class FakeRun:
@@ -37,10 +37,27 @@ def fake_wandb(monkeypatch):
     return runs
 
 
-TINY_LISTOPS = ["bench=accuracy", "task=listops", "task.n_train=32", "task.n_val=8", "task.n_test=8",
-                "task.min_length=10", "task.max_length=30", "seq_len=64", "batch_size=8", "model.d_model=32",
-                "model.n_heads=2", "model.n_layers=1", "model.d_ff=32", "bench.steps=4", "bench.eval_every=2",
-                "bench.progress=false", "device=cpu", "wandb.mode=offline", "wandb.tags=[nightly]"]
+TINY_LISTOPS = [
+    "bench=accuracy",
+    "task=listops",
+    "task.n_train=32",
+    "task.n_val=8",
+    "task.n_test=8",
+    "task.min_length=10",
+    "task.max_length=30",
+    "seq_len=64",
+    "batch_size=8",
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.n_layers=1",
+    "model.d_ff=32",
+    "bench.steps=4",
+    "bench.eval_every=2",
+    "bench.progress=false",
+    "device=cpu",
+    "wandb.mode=offline",
+    "wandb.tags=[nightly]",
+]
 
 
 def test_the_run_gets_the_cells_name_group_tags_and_config(fake_wandb, tmp_path):
@@ -68,14 +85,32 @@ def test_every_summary_is_of_a_metric_some_job_logs():
 
 def test_offline_sweep_runs_carry_group_name_tags_and_summary(tmp_path):
     sweep = tmp_path / "grp-attention-7f3a"
-    cmd = [sys.executable, str(ROOT / "run.py"), "-m", "attention=full", "seq_len=32,64", "model.d_model=64",
-           "model.n_heads=4", "bench.repeats=2", "bench.warmup=1", "wandb.tags=[nightly]",
-           f"hydra.sweep.dir={sweep}"]
-    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_MODE": "offline",
-                              "WANDB_SILENT": "true"})
+    cmd = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        "-m",
+        "attention=full",
+        "seq_len=32,64",
+        "model.d_model=64",
+        "model.n_heads=4",
+        "bench.repeats=2",
+        "bench.warmup=1",
+        "wandb.tags=[nightly]",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    out = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
     assert out.returncode == 0, out.stderr
-    for job, name in (("full_n32_*", b"full-n32-b1-4x16-float32-cpu-#"), ("full_n64_*", b"full-n64-b1-4x16-float32-cpu-#")):
+    for job, name in (
+        ("full_n32_*", b"full-n32-b1-4x16-float32-cpu-#"),
+        ("full_n64_*", b"full-n64-b1-4x16-float32-cpu-#"),
+    ):
         (run_file,) = sweep.glob(f"{job}/wandb/offline-run-*/run-*.wandb")
         data = run_file.read_bytes()  # protobuf records: the strings are stored as they are
         assert b"grp-attention-7f3a" in data and name in data  # group = the sweep, name = the cell
@@ -94,6 +129,11 @@ def test_dashboard_is_built_offline_and_says_what_it_would_save(monkeypatch, cap
     assert out.startswith("Not saved (WANDB_MODE=offline") and "Latency against length" in out
     workspace = build_workspace("team", "efficient-attention")
     assert [s.name for s in workspace.sections] == [
-        "Latency against length", "Memory against length", "Throughput", "Accuracy per task", "Status of every cell"]
+        "Latency against length",
+        "Memory against length",
+        "Throughput",
+        "Accuracy per task",
+        "Status of every cell",
+    ]
     panel = workspace.sections[0].panels[0]
     assert panel.log_x and panel.log_y

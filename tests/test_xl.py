@@ -43,8 +43,9 @@ def test_gathered_logits_are_right_for_future_keys_too(n, klen, clamp_len):
     """The non-causal path: every (i, j), future keys included (negative distances)."""
     attn = xl(clamp_len=clamp_len)
     q = torch.randn(2, H, n, D // H, dtype=torch.float64)
-    assert torch.allclose(attn.position_logits(q, n, klen, gather=True), direct_position_logits(attn, q, n, klen),
-                          atol=1e-12)
+    assert torch.allclose(
+        attn.position_logits(q, n, klen, gather=True), direct_position_logits(attn, q, n, klen), atol=1e-12
+    )
 
 
 def test_relative_index_matches_distances():
@@ -189,7 +190,9 @@ def test_positions_are_float32_and_exact_beyond_2048():
     assert (table.double() - exact).abs().max() < 2e-3
     assert not torch.equal(table[3001], table[3002])
     clamped = relative_sinusoid(torch.tensor([5000, 9000, -7000]), 8, clamp_len=1000)
-    assert torch.equal(clamped[0], clamped[1]) and torch.equal(clamped[2], relative_sinusoid(torch.tensor([-1000]), 8, 1000)[0])
+    assert torch.equal(clamped[0], clamped[1]) and torch.equal(
+        clamped[2], relative_sinusoid(torch.tensor([-1000]), 8, 1000)[0]
+    )
 
 
 def test_xl_model_has_no_absolute_positions():
@@ -328,14 +331,22 @@ def test_flop_model_matches_a_flop_counter(causal, n, m):
     divide) against torch's FLOP counter over the layer's forward. Not causal: equal. Causal: the
     model counts the AC, BD and value products on their visible share only (FlashAttention's
     convention), the counter counts them whole: the gap is exactly the masked share."""
+    from conftest import compose
     from torch.utils.flop_counter import FlopCounterMode
 
     from bench.cell import cell_shape, layer_flops
-    from conftest import compose
 
     b, klen = 2, n + m
-    cfg = compose("attention=xl", f"attention.mem_len={m}", f"seq_len={n}", f"batch_size={b}",
-                  f"model.d_model={D}", f"model.n_heads={H}", f"causal={str(causal).lower()}", "device=cpu")
+    cfg = compose(
+        "attention=xl",
+        f"attention.mem_len={m}",
+        f"seq_len={n}",
+        f"batch_size={b}",
+        f"model.d_model={D}",
+        f"model.n_heads={H}",
+        f"causal={str(causal).lower()}",
+        "device=cpu",
+    )
     modelled = layer_flops(cfg, cell_shape(cfg, "cpu"))[0]
     attn = xl(mem_len=m)
     x = torch.randn(b, n, D, dtype=torch.float64)
@@ -358,8 +369,9 @@ def test_charlm_scores_use_eval_mem_len_and_training_keeps_its_memory():
     from bench.tasks.data import StreamData
 
     stream = torch.randint(30, (4 * 40,))
-    data = StreamData({"train": stream, "val": stream, "test": stream}, batch_size=4, seq_len=4, device="cpu",
-                      source={})
+    data = StreamData(
+        {"train": stream, "val": stream, "test": stream}, batch_size=4, seq_len=4, device="cpu", source={}
+    )
     trained_with_2 = tiny_lm(mem_len=2)
     evaluated_with_12 = tiny_lm(mem_len=2, eval_mem_len=12)  # the same weights
     data.train_loss(evaluated_with_12)
@@ -383,22 +395,40 @@ def one_thread():
 def test_stream_eval_rescores_a_finished_charlm_job_at_other_memories(tmp_path, one_thread):
     """bench.stream_eval: the job's best weights re-read at several evaluation memories, no
     training; at the job's own memory it gives the job's own test figure."""
+    from conftest import compose
+
     from bench.harness import run_job
     from bench.records import validate
     from bench.stream_eval import evaluate
-    from conftest import compose
-
     from efficient.datasets import charlm
 
     text = tmp_path / "text"
     text.write_bytes(charlm.default_corpus()[:12_000])  # val and test: 600 bytes each
     job = tmp_path / "job"
     job.mkdir()
-    record = run_job(compose("bench=accuracy", "task=charlm", f"task.data_path={text}", "attention=xl",
-                             "attention.mem_len=16", "causal=true",
-                             "seq_len=16", "batch_size=4", "model.d_model=32", "model.n_heads=2", "model.n_layers=2",
-                             "model.d_ff=64", "bench.steps=6", "bench.eval_every=3", "bench.progress=false",
-                             "device=cpu", "wandb.mode=disabled", "bench.threads=1"), output_dir=job)
+    record = run_job(
+        compose(
+            "bench=accuracy",
+            "task=charlm",
+            f"task.data_path={text}",
+            "attention=xl",
+            "attention.mem_len=16",
+            "causal=true",
+            "seq_len=16",
+            "batch_size=4",
+            "model.d_model=32",
+            "model.n_heads=2",
+            "model.n_layers=2",
+            "model.d_ff=64",
+            "bench.steps=6",
+            "bench.eval_every=3",
+            "bench.progress=false",
+            "device=cpu",
+            "wandb.mode=disabled",
+            "bench.threads=1",
+        ),
+        output_dir=job,
+    )
     assert record["status"] == "ok", record["reason"]
     (job / "result.json").write_text(__import__("json").dumps(record, default=str))
     derived = evaluate(job, [0, 16, 48], out=tmp_path / "by_memory")
@@ -415,16 +445,30 @@ def test_stream_eval_rescores_a_finished_charlm_job_at_other_memories(tmp_path, 
 def test_recall_probe_splits_every_queried_keys_attention_into_regions(tmp_path, one_thread):
     import json
 
+    from conftest import compose
+
     from bench.harness import run_job
     from bench.recall_probe import attention_mass, probe
     from bench.stream_eval import load_job
     from bench.tasks.recall import recall_splits
-    from conftest import compose
 
-    record = run_job(compose("bench=accuracy", "experiment=recall_cpu_xl", "bench.steps=4", "bench.eval_every=2",
-                             "bench.progress=false", "wandb.mode=disabled", "bench.threads=1", "task.n_train=64",
-                             "task.n_val=32", "task.n_test=32", "model.d_model=32", "model.n_heads=2"),
-                     output_dir=tmp_path)
+    record = run_job(
+        compose(
+            "bench=accuracy",
+            "experiment=recall_cpu_xl",
+            "bench.steps=4",
+            "bench.eval_every=2",
+            "bench.progress=false",
+            "wandb.mode=disabled",
+            "bench.threads=1",
+            "task.n_train=64",
+            "task.n_val=32",
+            "task.n_test=32",
+            "model.d_model=32",
+            "model.n_heads=2",
+        ),
+        output_dir=tmp_path,
+    )
     assert record["status"] == "ok", record["reason"]
     (tmp_path / "result.json").write_text(json.dumps(record, default=str))
     _, model = load_job(tmp_path, task="recall")

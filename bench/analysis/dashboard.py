@@ -21,26 +21,44 @@ def build_workspace(entity: str, project: str, name: str = "Attention backends")
     import wandb_workspaces.workspaces as ws
 
     def versus_length(title: str, metric: str):
-        return wr.ScatterPlot(title=title, x=wr.SummaryMetric("seq_len"), y=wr.SummaryMetric(metric),
-                              log_x=True, log_y=True)
+        return wr.ScatterPlot(
+            title=title, x=wr.SummaryMetric("seq_len"), y=wr.SummaryMetric(metric), log_x=True, log_y=True
+        )
 
     sections = [
-        ws.Section(name="Latency against length", is_open=True, panels=[
-            versus_length("Forward latency (ms) vs length", "fwd_ms"),
-            versus_length("Forward+backward latency (ms) vs length", "fwd_bwd_ms"),
-        ]),
-        ws.Section(name="Memory against length", is_open=True, panels=[
-            versus_length("Peak memory, forward (MiB) vs length", "fwd_peak_mem_mib"),
-            versus_length("Peak memory, forward+backward (MiB) vs length", "fwd_bwd_peak_mem_mib"),
-        ]),
-        ws.Section(name="Throughput", panels=[
-            versus_length("Achieved forward TFLOP/s vs length", "tflops"),
-            versus_length("MFU vs length", "mfu"),
-        ]),
-        ws.Section(name="Accuracy per task", panels=[
-            wr.BarPlot(title="Accuracy (metric value) per backend", metrics=[wr.SummaryMetric("value")],
-                       groupby=wr.Config("task")),
-        ]),
+        ws.Section(
+            name="Latency against length",
+            is_open=True,
+            panels=[
+                versus_length("Forward latency (ms) vs length", "fwd_ms"),
+                versus_length("Forward+backward latency (ms) vs length", "fwd_bwd_ms"),
+            ],
+        ),
+        ws.Section(
+            name="Memory against length",
+            is_open=True,
+            panels=[
+                versus_length("Peak memory, forward (MiB) vs length", "fwd_peak_mem_mib"),
+                versus_length("Peak memory, forward+backward (MiB) vs length", "fwd_bwd_peak_mem_mib"),
+            ],
+        ),
+        ws.Section(
+            name="Throughput",
+            panels=[
+                versus_length("Achieved forward TFLOP/s vs length", "tflops"),
+                versus_length("MFU vs length", "mfu"),
+            ],
+        ),
+        ws.Section(
+            name="Accuracy per task",
+            panels=[
+                wr.BarPlot(
+                    title="Accuracy (metric value) per backend",
+                    metrics=[wr.SummaryMetric("value")],
+                    groupby=wr.Config("task"),
+                ),
+            ],
+        ),
         ws.Section(name="Status of every cell", panels=[wr.WeavePanelSummaryTable(table_name="cells")]),
     ]
     runset = ws.RunsetSettings(groupby=[ws.Config("attention.name")])

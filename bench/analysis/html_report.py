@@ -24,8 +24,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.records import LOWER_IS_BETTER  # noqa: E402
 from bench.analysis.common import fit_power_law, label, varying_settings  # noqa: E402
+from bench.records import LOWER_IS_BETTER  # noqa: E402
 
 STATUS_COLOURS = {"ok": "#d9f2d9", "oom": "#f8d7a8", "unsupported": "#e0e0e0", "wrong": "#e8a0e0", "error": "#f4b6b6"}
 
@@ -78,10 +78,16 @@ def latency_figure(rows, varying, colours) -> bytes:
 
 def memory_figure(rows, varying, colours) -> bytes:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    loglog_panel(axes[0], series(rows, "fwd_peak_mem_mib", varying), "MiB above inputs", "Peak memory, forward",
-                 colours)
-    loglog_panel(axes[1], series(rows, "fwd_bwd_peak_mem_mib", varying), "MiB above inputs",
-                 "Peak memory, forward+backward", colours)
+    loglog_panel(
+        axes[0], series(rows, "fwd_peak_mem_mib", varying), "MiB above inputs", "Peak memory, forward", colours
+    )
+    loglog_panel(
+        axes[1],
+        series(rows, "fwd_bwd_peak_mem_mib", varying),
+        "MiB above inputs",
+        "Peak memory, forward+backward",
+        colours,
+    )
     return figure_png(fig)
 
 
@@ -124,8 +130,14 @@ def decode_figure(rows, varying, colours) -> bytes | None:
 
 
 def accuracy_figure(rows, varying, colours) -> bytes | None:
-    accuracy = [r for r in rows if r.get("bench") == "accuracy" and r["status"] == "ok" and r.get("value") is not None
-                and r.get("metric") not in LOWER_IS_BETTER]  # accuracies only: bits per character is in the table
+    accuracy = [
+        r
+        for r in rows
+        if r.get("bench") == "accuracy"
+        and r["status"] == "ok"
+        and r.get("value") is not None
+        and r.get("metric") not in LOWER_IS_BETTER
+    ]  # accuracies only: bits per character is in the table
     if not accuracy:
         return None
     cells = sorted({(r["task"], r["seq_len"]) for r in accuracy})
@@ -133,8 +145,13 @@ def accuracy_figure(rows, varying, colours) -> bytes | None:
     fig, ax = plt.subplots(figsize=(12, 4))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        values = [max((r["value"] for r in accuracy if label(r, varying) == name and (r["task"], r["seq_len"]) == c),
-                      default=0.0) for c in cells]
+        values = [
+            max(
+                (r["value"] for r in accuracy if label(r, varying) == name and (r["task"], r["seq_len"]) == c),
+                default=0.0,
+            )
+            for c in cells
+        ]
         ax.bar([x + i * width for x in range(len(cells))], values, width, label=name, color=colours[name])
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cells))])
     ax.set_xticklabels([f"{task}\nn={n}" for task, n in cells])
@@ -147,8 +164,10 @@ def accuracy_figure(rows, varying, colours) -> bytes | None:
 def pareto_points(rows, seq_len: int, varying) -> tuple[list[dict[str, Any]], str]:
     """Backends at ``seq_len`` with (time, memory, best accuracy), whether each is on the front,
     and the step compared: the training step if every backend has it, else the forward."""
-    here = {name: [r for r in cells if r["seq_len"] == seq_len and r["status"] == "ok" and r.get("bench") == "speed"]
-            for name, cells in group(rows, varying).items()}
+    here = {
+        name: [r for r in cells if r["seq_len"] == seq_len and r["status"] == "ok" and r.get("bench") == "speed"]
+        for name, cells in group(rows, varying).items()
+    }
     here = {name: cells for name, cells in here.items() if cells}
     training = all(any(r.get("fwd_bwd_ms") for r in cells) for cells in here.values())
     time_field, memory_field = ("fwd_bwd_ms", "fwd_bwd_peak_mem_mib") if training else ("fwd_ms", "fwd_peak_mem_mib")
@@ -157,10 +176,22 @@ def pareto_points(rows, seq_len: int, varying) -> tuple[list[dict[str, Any]], st
         timed = [r for r in cells if r.get(time_field) and r.get(memory_field)]
         if not timed:
             continue
-        accuracy = [r["value"] for r in rows if label(r, varying) == name and r.get("bench") == "accuracy"
-                    and r["status"] == "ok" and r.get("metric") not in LOWER_IS_BETTER]
-        points.append({"backend": name, "time": min(r[time_field] for r in timed),
-                       "memory": min(r[memory_field] for r in timed), "accuracy": max(accuracy) if accuracy else None})
+        accuracy = [
+            r["value"]
+            for r in rows
+            if label(r, varying) == name
+            and r.get("bench") == "accuracy"
+            and r["status"] == "ok"
+            and r.get("metric") not in LOWER_IS_BETTER
+        ]
+        points.append(
+            {
+                "backend": name,
+                "time": min(r[time_field] for r in timed),
+                "memory": min(r[memory_field] for r in timed),
+                "accuracy": max(accuracy) if accuracy else None,
+            }
+        )
     for p in points:
         p["front"] = not any(dominates(q, p) for q in points if q is not p)
     return points, "forward+backward" if training else "forward"
@@ -220,8 +251,10 @@ def status_grid(rows, varying) -> str:
                 continue
             r = here[0]
             hover = r.get("reason") or r.get("note") or "ok"
-            tds.append(f'<td class="status" style="background:{STATUS_COLOURS.get(r["status"], "#fff")}" '
-                       f'title="{html.escape(str(hover))}">{r["status"]}</td>')
+            tds.append(
+                f'<td class="status" style="background:{STATUS_COLOURS.get(r["status"], "#fff")}" '
+                f'title="{html.escape(str(hover))}">{r["status"]}</td>'
+            )
         body.append(f"<tr><th>{html.escape(name)}</th>{''.join(tds)}</tr>")
     return f"<table><tr><th>backend</th>{head}</tr>{''.join(body)}</table>"
 
@@ -254,7 +287,9 @@ window.addEventListener("load", function () {{
 """
 
 
-def write_html(rows: list[dict[str, Any]], path: Path, pareto_len: int | None = None, title: str | None = None) -> list[Path]:
+def write_html(
+    rows: list[dict[str, Any]], path: Path, pareto_len: int | None = None, title: str | None = None
+) -> list[Path]:
     """Write the page at ``path`` and its PNGs beside it; return the PNG paths."""
     path = Path(path)
     varying = varying_settings(rows)
@@ -284,10 +319,17 @@ def write_html(rows: list[dict[str, Any]], path: Path, pareto_len: int | None = 
     if not accuracy:
         sections.append("<p>No accuracy records in this folder: run <code>bench=accuracy</code> jobs to add them.</p>")
     devices = sorted({str(r.get("device_name")) for r in rows if r.get("device_name")})
-    fixed = [f"{k}={rows[0].get(k)}" for k in ("dtype", "device", "causal", "scope", "batch_size", "d_model", "n_heads")
-             if k not in varying]
+    fixed = [
+        f"{k}={rows[0].get(k)}"
+        for k in ("dtype", "device", "causal", "scope", "batch_size", "d_model", "n_heads")
+        if k not in varying
+    ]
     settings = html.escape(", ".join(fixed) + (f"; measured on {'; '.join(devices)}" if devices else ""))
-    page = PAGE.format(title=html.escape(title or f"Attention benchmark: {path.parent.name or 'results'}"),
-                       settings=settings, sections="\n".join(sections), grid=status_grid(rows, varying))
+    page = PAGE.format(
+        title=html.escape(title or f"Attention benchmark: {path.parent.name or 'results'}"),
+        settings=settings,
+        sections="\n".join(sections),
+        grid=status_grid(rows, varying),
+    )
     path.write_text(page)
     return written

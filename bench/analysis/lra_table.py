@@ -25,20 +25,38 @@ from bench.records import cell_label, load_records
 LENGTHS = (1024, 2048, 3072, 4096)
 # LRA Table 2 (Tay et al. 2021): steps/s and peak memory (GB) at 1K, 2K, 3K, 4K.
 LRA_STEPS_PER_S = {
-    "full": (8.1, 4.9, 2.3, 1.4), "local": (9.2, 8.4, 7.4, 7.4), "linformer": (9.3, 9.1, 8.5, 7.7),
-    "reformer": (4.4, 2.2, 1.5, 1.1), "sinkhorn": (9.1, 7.9, 6.6, 5.3), "bigbird": (7.4, 3.9, 2.7, 1.5),
-    "linear": (9.1, 9.3, 8.6, 7.8), "performer": (9.5, 9.4, 8.7, 8.0),
+    "full": (8.1, 4.9, 2.3, 1.4),
+    "local": (9.2, 8.4, 7.4, 7.4),
+    "linformer": (9.3, 9.1, 8.5, 7.7),
+    "reformer": (4.4, 2.2, 1.5, 1.1),
+    "sinkhorn": (9.1, 7.9, 6.6, 5.3),
+    "bigbird": (7.4, 3.9, 2.7, 1.5),
+    "linear": (9.1, 9.3, 8.6, 7.8),
+    "performer": (9.5, 9.4, 8.7, 8.0),
 }
 LRA_PEAK_GB = {
-    "full": (0.85, 2.65, 5.51, 9.48), "local": (0.42, 0.76, 1.06, 1.37), "linformer": (0.37, 0.55, 0.99, 0.99),
-    "reformer": (0.48, 0.99, 1.53, 2.28), "sinkhorn": (0.47, 0.83, 1.13, 1.48), "bigbird": (0.77, 1.49, 2.18, 2.88),
-    "linear": (0.37, 0.57, 0.80, 1.03), "performer": (0.37, 0.59, 0.82, 1.06),
+    "full": (0.85, 2.65, 5.51, 9.48),
+    "local": (0.42, 0.76, 1.06, 1.37),
+    "linformer": (0.37, 0.55, 0.99, 0.99),
+    "reformer": (0.48, 0.99, 1.53, 2.28),
+    "sinkhorn": (0.47, 0.83, 1.13, 1.48),
+    "bigbird": (0.77, 1.49, 2.18, 2.88),
+    "linear": (0.37, 0.57, 0.80, 1.03),
+    "performer": (0.37, 0.59, 0.82, 1.06),
 }
 
 
 # LRA Table 1 (Tay et al. 2021), ListOps test accuracy (%).
-LRA_LISTOPS = {"full": 36.37, "reformer": 37.27, "bigbird": 36.05, "linformer": 35.70, "longformer": 35.63,
-               "performer": 18.01, "linear": 16.13, "local": 15.82}
+LRA_LISTOPS = {
+    "full": 36.37,
+    "reformer": 37.27,
+    "bigbird": 36.05,
+    "linformer": 35.70,
+    "longformer": 35.63,
+    "performer": 18.01,
+    "linear": 16.13,
+    "local": 15.82,
+}
 
 
 def measured(records: list[dict]) -> dict[tuple[str, int], tuple[float, float]]:
@@ -63,42 +81,58 @@ def lra_cell(label: str, n: int) -> str:
     if backend not in LRA_STEPS_PER_S or n not in LENGTHS:
         return "no row"
     i = LENGTHS.index(n)
-    return f"{LRA_STEPS_PER_S[backend][i] / LRA_STEPS_PER_S['full'][i]:.1f}x / " \
-           f"{LRA_PEAK_GB[backend][i] / LRA_PEAK_GB['full'][i]:.2f}"
+    return (
+        f"{LRA_STEPS_PER_S[backend][i] / LRA_STEPS_PER_S['full'][i]:.1f}x / "
+        f"{LRA_PEAK_GB[backend][i] / LRA_PEAK_GB['full'][i]:.2f}"
+    )
 
 
 def table(records: list[dict]) -> str:
     cells = measured(records)
     backends = sorted({b for b, _ in cells} - {"full"}, key=lambda b: (b != "sdpa", b))
-    lines = ["| backend | n | vs `full` (here) | vs `sdpa` (here) | LRA vs Transformer (TPU) | ms / MiB (here) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| backend | n | vs `full` (here) | vs `sdpa` (here) | LRA vs Transformer (TPU) | ms / MiB (here) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for backend in backends:
         for n in sorted({n for b, n in cells if b == backend}):
             time, memory = cells[(backend, n)]
             versus_sdpa = ratio_cell(cells, backend, "sdpa", n) if backend != "sdpa" else ""
-            lines.append(f"| {backend} | {n} | {ratio_cell(cells, backend, 'full', n)} | {versus_sdpa} | "
-                         f"{lra_cell(backend, n)} | {time:,.0f} / {memory:,.0f} |")
+            lines.append(
+                f"| {backend} | {n} | {ratio_cell(cells, backend, 'full', n)} | {versus_sdpa} | "
+                f"{lra_cell(backend, n)} | {time:,.0f} / {memory:,.0f} |"
+            )
     return "\n".join(lines)
 
 
 def options_label(record: dict) -> str:
-    """"local (block=8)": the backend and the options its record sets away from the defaults."""
+    """ "local (block=8)": the backend and the options its record sets away from the defaults."""
     name, _, options = cell_label(record).partition("[")
     return f"{name} ({options.rstrip(']').replace(',', ', ')})" if options else name
 
 
 def listops_table(records: list[dict]) -> str:
     """One row per ok ListOps accuracy record, the most accurate first."""
-    rows = sorted((r for r in records if r.get("status") == "ok" and r.get("task") == "listops"
-                   and r.get("metric") == "test_accuracy"), key=lambda r: -r["value"])
-    lines = ["| backend (options) | test accuracy | best validation (step) | training min | peak MiB | LRA ListOps |",
-             "|---|---:|---:|---:|---:|---:|"]
+    rows = sorted(
+        (
+            r
+            for r in records
+            if r.get("status") == "ok" and r.get("task") == "listops" and r.get("metric") == "test_accuracy"
+        ),
+        key=lambda r: -r["value"],
+    )
+    lines = [
+        "| backend (options) | test accuracy | best validation (step) | training min | peak MiB | LRA ListOps |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         extra = r.get("extra") or {}
         published = f"{LRA_LISTOPS[r['attention']]:.2f}%" if r["attention"] in LRA_LISTOPS else "no row"
-        lines.append(f"| {options_label(r)} | {100 * r['value']:.1f}% | {100 * extra.get('best_val_accuracy', 0):.1f}% "
-                     f"({extra.get('best_step', '-')}) | {extra.get('train_seconds', 0) / 60:.1f} | "
-                     f"{r.get('peak_mem_mib') or 0:,.0f} | {published} |")
+        lines.append(
+            f"| {options_label(r)} | {100 * r['value']:.1f}% | {100 * extra.get('best_val_accuracy', 0):.1f}% "
+            f"({extra.get('best_step', '-')}) | {extra.get('train_seconds', 0) / 60:.1f} | "
+            f"{r.get('peak_mem_mib') or 0:,.0f} | {published} |"
+        )
     return "\n".join(lines)
 
 

@@ -99,11 +99,21 @@ def most_common(values) -> Any:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def pick(records: list[dict[str, Any]], seq_len: int, memory_budget_gib: float | None = None,
-         causal: bool = False, dtype: str | None = None, device: str | None = None,
-         inference: bool = False, min_accuracy: dict[str, float] | None = None,
-         allow_approximate: bool = False, max_extrapolation: float = MAX_EXTRAPOLATION,
-         decode: bool = False, n_kv_heads: int | None = None, device_name: str | None = None) -> Recommendation:
+def pick(
+    records: list[dict[str, Any]],
+    seq_len: int,
+    memory_budget_gib: float | None = None,
+    causal: bool = False,
+    dtype: str | None = None,
+    device: str | None = None,
+    inference: bool = False,
+    min_accuracy: dict[str, float] | None = None,
+    allow_approximate: bool = False,
+    max_extrapolation: float = MAX_EXTRAPOLATION,
+    decode: bool = False,
+    n_kv_heads: int | None = None,
+    device_name: str | None = None,
+) -> Recommendation:
     if seq_len < 1:
         raise ValueError(f"seq_len must be a positive number of tokens, got {seq_len}")
     min_accuracy = min_accuracy or {}
@@ -121,11 +131,22 @@ def pick(records: list[dict[str, Any]], seq_len: int, memory_budget_gib: float |
     cell = most_common(tuple(setting(r, k) for k in CELL_SETTINGS) for r in matching)
     if cell is not None:
         matching = [r for r in matching if tuple(setting(r, k) for k in CELL_SETTINGS) == cell]
-    step = ("decode step (one token against a KV cache of n; memory: the prefill's peak, cache included)"
-            if decode else "forward (inference)" if inference else "forward+backward (training step)")
-    settings = {"device": device, **({"device_name": device_name} if device_name else {}),
-                "dtype": dtype, "causal": causal, "step": step,
-                "memory_budget_gib": memory_budget_gib, **dict(zip(CELL_SETTINGS, cell or ()))}
+    step = (
+        "decode step (one token against a KV cache of n; memory: the prefill's peak, cache included)"
+        if decode
+        else "forward (inference)"
+        if inference
+        else "forward+backward (training step)"
+    )
+    settings = {
+        "device": device,
+        **({"device_name": device_name} if device_name else {}),
+        "dtype": dtype,
+        "causal": causal,
+        "step": step,
+        "memory_budget_gib": memory_budget_gib,
+        **dict(zip(CELL_SETTINGS, cell or ())),
+    }
     time_field = "fwd_ms" if inference or decode else "fwd_bwd_ms"
     memory_field = "peak_mem_mib" if decode else "fwd_peak_mem_mib" if inference else "fwd_bwd_peak_mem_mib"
 
@@ -134,8 +155,9 @@ def pick(records: list[dict[str, Any]], seq_len: int, memory_budget_gib: float |
         by_backend[label(r)].append(r)
     ranked, excluded = [], []
     for name in sorted({label(r) for r in speed} - set(by_backend)):
-        excluded.append(Exclusion(name, f"not measured on {device_name or device} with {dtype}, causal={causal} "
-                                        "and these settings"))
+        excluded.append(
+            Exclusion(name, f"not measured on {device_name or device} with {dtype}, causal={causal} and these settings")
+        )
 
     for name, cells in sorted(by_backend.items()):
         verdict = assess(name, cells, seq_len, time_field, memory_field, max_extrapolation)
@@ -144,8 +166,13 @@ def pick(records: list[dict[str, Any]], seq_len: int, memory_budget_gib: float |
             continue
         if memory_budget_gib is not None and verdict.memory_mib > memory_budget_gib * 1024:
             how = "predicted" if verdict.extrapolated else "measured"
-            excluded.append(Exclusion(name, f"{how} peak {verdict.memory_mib / 1024:.2f} GiB exceeds the "
-                                            f"{memory_budget_gib:g} GiB budget ({verdict.basis})"))
+            excluded.append(
+                Exclusion(
+                    name,
+                    f"{how} peak {verdict.memory_mib / 1024:.2f} GiB exceeds the "
+                    f"{memory_budget_gib:g} GiB budget ({verdict.basis})",
+                )
+            )
             continue
         floor_problem = check_accuracy(verdict, accuracy, min_accuracy)
         if floor_problem:
@@ -153,18 +180,32 @@ def pick(records: list[dict[str, Any]], seq_len: int, memory_budget_gib: float |
             continue
         if not verdict.exact and not allow_approximate and not min_accuracy:
             unknown = any("exact" not in r for r in cells)
-            what = ("not known to be exact (records of version 1: `python -m bench.records upgrade PATH` says)"
-                    if unknown else "not exact attention")
-            excluded.append(Exclusion(name, f"{what}: recommended only with accuracy evidence "
-                                            "(--min-accuracy TASK=VALUE) or --allow-approximate"))
+            what = (
+                "not known to be exact (records of version 1: `python -m bench.records upgrade PATH` says)"
+                if unknown
+                else "not exact attention"
+            )
+            excluded.append(
+                Exclusion(
+                    name,
+                    f"{what}: recommended only with accuracy evidence "
+                    "(--min-accuracy TASK=VALUE) or --allow-approximate",
+                )
+            )
             continue
         ranked.append(verdict)
     ranked.sort(key=lambda c: (c.time_ms, c.memory_mib))
     return Recommendation(seq_len, settings, ranked, excluded, justify(seq_len, settings, ranked, excluded))
 
 
-def assess(name: str, cells: list[dict], seq_len: int, time_field: str, memory_field: str,
-           max_extrapolation: float = MAX_EXTRAPOLATION):
+def assess(
+    name: str,
+    cells: list[dict],
+    seq_len: int,
+    time_field: str,
+    memory_field: str,
+    max_extrapolation: float = MAX_EXTRAPOLATION,
+):
     """A Candidate (measured or extrapolated) or the Exclusion that says why not."""
     exact = is_exact(cells)
     wrong = sorted((r for r in cells if r["status"] == "wrong"), key=lambda r: r["seq_len"])
@@ -174,9 +215,14 @@ def assess(name: str, cells: list[dict], seq_len: int, time_field: str, memory_f
     here = [r for r in usable if r["seq_len"] == seq_len]
     if here:
         basis = f"measured at n={seq_len}" + (f" ({len(here)} records, median)" if len(here) > 1 else "")
-        return Candidate(name, exact, statistics.median(r[time_field] for r in here),
-                         statistics.median(r[memory_field] for r in here), basis,
-                         error=None if exact else approximation_error(usable, seq_len))
+        return Candidate(
+            name,
+            exact,
+            statistics.median(r[time_field] for r in here),
+            statistics.median(r[memory_field] for r in here),
+            basis,
+            error=None if exact else approximation_error(usable, seq_len),
+        )
     unsupported = [r for r in cells if r["status"] == "unsupported"]
     failed_here = [r for r in cells if r["seq_len"] == seq_len and r["status"] not in ("ok", "unsupported")]
     if failed_here:
@@ -192,8 +238,11 @@ def assess(name: str, cells: list[dict], seq_len: int, time_field: str, memory_f
     not_finite = [r for r in cells if r["status"] == "ok" and r not in usable]
     if not points and not_finite:
         r = not_finite[0]
-        return Exclusion(name, f"no finite {time_field} and {memory_field} in its ok records (n={r['seq_len']}: "
-                               f"{r.get(time_field)!r}, {r.get(memory_field)!r})")
+        return Exclusion(
+            name,
+            f"no finite {time_field} and {memory_field} in its ok records (n={r['seq_len']}: "
+            f"{r.get(time_field)!r}, {r.get(memory_field)!r})",
+        )
     if len(points) < 2:
         notes = {r.get("note") for r in cells if r.get("note")}
         why = f" ({notes.pop()})" if notes else f" (needs {time_field} at 2 lengths or more)"
@@ -201,18 +250,30 @@ def assess(name: str, cells: list[dict], seq_len: int, time_field: str, memory_f
     lengths = sorted(points)
     factor = max(seq_len / lengths[-1], lengths[0] / seq_len)
     if factor > max_extrapolation:
-        return Exclusion(name, f"n={seq_len} is {factor:.0f}x outside the measured n={lengths[0]}-{lengths[-1]}; "
-                               f"a power law is trusted up to {max_extrapolation:g}x (--max-extrapolation): "
-                               f"measure longer inputs")
+        return Exclusion(
+            name,
+            f"n={seq_len} is {factor:.0f}x outside the measured n={lengths[0]}-{lengths[-1]}; "
+            f"a power law is trusted up to {max_extrapolation:g}x (--max-extrapolation): "
+            f"measure longer inputs",
+        )
     times = [statistics.median(t for t, _ in points[n]) for n in lengths]
     memories = [statistics.median(m for _, m in points[n]) for n in lengths]
     k_time, c_time, spread_time = fit_power_law(lengths, times)
     k_mem, c_mem, spread_mem = fit_power_law(lengths, memories)
     spread = math.exp(max(spread_time, spread_mem)) - 1
-    basis = (f"extrapolated {factor:.1f}x from n={lengths[0]}-{lengths[-1]}: time ~ n^{k_time:.2f}, "
-             f"memory ~ n^{k_mem:.2f}, fit spread ±{spread:.0%}")
-    return Candidate(name, exact, c_time * seq_len**k_time, c_mem * seq_len**k_mem, basis,
-                     extrapolated=True, error=None if exact else approximation_error(usable, seq_len))
+    basis = (
+        f"extrapolated {factor:.1f}x from n={lengths[0]}-{lengths[-1]}: time ~ n^{k_time:.2f}, "
+        f"memory ~ n^{k_mem:.2f}, fit spread ±{spread:.0%}"
+    )
+    return Candidate(
+        name,
+        exact,
+        c_time * seq_len**k_time,
+        c_mem * seq_len**k_mem,
+        basis,
+        extrapolated=True,
+        error=None if exact else approximation_error(usable, seq_len),
+    )
 
 
 def check_accuracy(candidate: Candidate, accuracy: list[dict], floors: dict[str, float]) -> str | None:
@@ -233,19 +294,28 @@ def check_accuracy(candidate: Candidate, accuracy: list[dict], floors: dict[str,
 def justify(seq_len: int, settings: dict, ranked: list[Candidate], excluded: list[Exclusion]) -> str:
     where = f"{settings['device']}, {settings['dtype']}, causal={settings['causal']}, {settings['step']}"
     if not ranked:
-        return (f"No backend qualifies at n={seq_len} ({where}): "
-                + "; ".join(f"{e.backend}: {e.reason}" for e in excluded) + ".")  # every reason matters here
+        return (
+            f"No backend qualifies at n={seq_len} ({where}): "
+            + "; ".join(f"{e.backend}: {e.reason}" for e in excluded)
+            + "."
+        )  # every reason matters here
     best = ranked[0]
-    text = (f"At n={seq_len} ({where}), {best.backend} is recommended: {best.time_ms:,.4g} ms and "
-            f"{best.memory_mib:,.4g} MiB per step ({best.basis}); it is "
-            f"{'exact attention' if best.exact else 'not exact attention (admitted on accuracy evidence or by request)'}.")
+    text = (
+        f"At n={seq_len} ({where}), {best.backend} is recommended: {best.time_ms:,.4g} ms and "
+        f"{best.memory_mib:,.4g} MiB per step ({best.basis}); it is "
+        f"{'exact attention' if best.exact else 'not exact attention (admitted on accuracy evidence or by request)'}."
+    )
     if len(ranked) > 1:
         runner = ranked[1]
-        text += (f" The next, {runner.backend}, takes {runner.time_ms / best.time_ms:.2f}x its time and "
-                 f"{runner.memory_mib / best.memory_mib:.2f}x its memory.")
+        text += (
+            f" The next, {runner.backend}, takes {runner.time_ms / best.time_ms:.2f}x its time and "
+            f"{runner.memory_mib / best.memory_mib:.2f}x its memory."
+        )
     if best.extrapolated:
-        text += (" WARNING: this length was not measured; the figures are extrapolated "
-                 f"({best.basis.split(':')[0]}) and must be confirmed by a run.")
+        text += (
+            " WARNING: this length was not measured; the figures are extrapolated "
+            f"({best.basis.split(':')[0]}) and must be confirmed by a run."
+        )
     unmeasured = [e.backend for e in excluded if e.reason.startswith("not measured")]
     others = [f"{e.backend} ({e.reason})" for e in excluded if not e.reason.startswith("not measured")]
     if others:
@@ -256,15 +326,25 @@ def justify(seq_len: int, settings: dict, ranked: list[Candidate], excluded: lis
 
 
 def format_table(rec: Recommendation) -> str:
-    lines = [f"Backends at n={rec.seq_len}: " + ", ".join(f"{k}={v}" for k, v in rec.settings.items() if v is not None),
-             "", "| rank | backend | exact | error vs full | time ms | peak MiB | basis |",
-             "|---:|---|---|---:|---:|---:|---|"]
+    lines = [
+        f"Backends at n={rec.seq_len}: " + ", ".join(f"{k}={v}" for k, v in rec.settings.items() if v is not None),
+        "",
+        "| rank | backend | exact | error vs full | time ms | peak MiB | basis |",
+        "|---:|---|---|---:|---:|---:|---|",
+    ]
     for i, c in enumerate(rec.ranked, 1):
         mark = "~" if c.extrapolated else ""
-        error = "" if c.exact else "not measured" if c.error is None else \
-            f"{c.error[0]:.1e}" + ("" if c.error[1] == rec.seq_len else f" (n={c.error[1]})")
-        lines.append(f"| {i} | {c.backend} | {'yes' if c.exact else 'no'} | {error} | {mark}{c.time_ms:,.4g} | "
-                     f"{mark}{c.memory_mib:,.4g} | {c.basis} |")
+        error = (
+            ""
+            if c.exact
+            else "not measured"
+            if c.error is None
+            else f"{c.error[0]:.1e}" + ("" if c.error[1] == rec.seq_len else f" (n={c.error[1]})")
+        )
+        lines.append(
+            f"| {i} | {c.backend} | {'yes' if c.exact else 'no'} | {error} | {mark}{c.time_ms:,.4g} | "
+            f"{mark}{c.memory_mib:,.4g} | {c.basis} |"
+        )
     if rec.excluded:
         lines += ["", "Excluded:"] + [f"- {e.backend}: {e.reason}" for e in rec.excluded]
     return "\n".join(lines + ["", rec.justification])
@@ -306,24 +386,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--causal", action="store_true", help="a causal (decoder) workload")
     parser.add_argument("--dtype", help="float32, bfloat16, ... (default: the most measured)")
     parser.add_argument("--device", help="cpu or cuda (default: the most measured)")
-    parser.add_argument("--device-name", metavar="NAME",
-                        help="the machine, as records name it (e.g. 'AMD EPYC (2 cores)'; default: the most "
-                             "measured): records from other machines are left out")
+    parser.add_argument(
+        "--device-name",
+        metavar="NAME",
+        help="the machine, as records name it (e.g. 'AMD EPYC (2 cores)'; default: the most "
+        "measured): records from other machines are left out",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--inference", action="store_true", help="rank by the forward pass instead of a training step")
-    mode.add_argument("--decode", action="store_true",
-                      help="rank by the per-token decode latency against a KV cache of --seq-len tokens "
-                           "(bench=decode records; the memory budget includes the cache)")
-    parser.add_argument("--n-kv-heads", type=positive_int, metavar="K",
-                        help="only records with K key/value heads (default: the most measured)")
-    parser.add_argument("--min-accuracy", type=parse_floor, action="append", default=[], metavar="TASK=VALUE",
-                        help="exclude backends whose best accuracy on TASK is below VALUE (for a metric "
-                             "where lower is better, bits per character, above VALUE) (repeatable)")
-    parser.add_argument("--allow-approximate", action="store_true",
-                        help="rank approximate backends even without accuracy evidence")
-    parser.add_argument("--max-extrapolation", type=factor_at_least_one, default=MAX_EXTRAPOLATION, metavar="X",
-                        help=f"exclude backends that would be extrapolated more than X times beyond their "
-                             f"measured lengths (default {MAX_EXTRAPOLATION:g})")
+    mode.add_argument(
+        "--decode",
+        action="store_true",
+        help="rank by the per-token decode latency against a KV cache of --seq-len tokens "
+        "(bench=decode records; the memory budget includes the cache)",
+    )
+    parser.add_argument(
+        "--n-kv-heads",
+        type=positive_int,
+        metavar="K",
+        help="only records with K key/value heads (default: the most measured)",
+    )
+    parser.add_argument(
+        "--min-accuracy",
+        type=parse_floor,
+        action="append",
+        default=[],
+        metavar="TASK=VALUE",
+        help="exclude backends whose best accuracy on TASK is below VALUE (for a metric "
+        "where lower is better, bits per character, above VALUE) (repeatable)",
+    )
+    parser.add_argument(
+        "--allow-approximate", action="store_true", help="rank approximate backends even without accuracy evidence"
+    )
+    parser.add_argument(
+        "--max-extrapolation",
+        type=factor_at_least_one,
+        default=MAX_EXTRAPOLATION,
+        metavar="X",
+        help=f"exclude backends that would be extrapolated more than X times beyond their "
+        f"measured lengths (default {MAX_EXTRAPOLATION:g})",
+    )
     parser.add_argument("--json", action="store_true", help="print the recommendation as JSON")
     args = parser.parse_args(argv)
     if not args.path.exists():
@@ -333,14 +435,29 @@ def main(argv: list[str] | None = None) -> int:
     if not any(r.get("bench") == wanted for r in records):
         print(f"no {wanted} records under {args.path}", file=sys.stderr)
         return 1
-    rec = pick(records, args.seq_len, args.memory_budget, args.causal, args.dtype, args.device,
-               args.inference, dict(args.min_accuracy), args.allow_approximate, args.max_extrapolation,
-               args.decode, args.n_kv_heads, args.device_name)
+    rec = pick(
+        records,
+        args.seq_len,
+        args.memory_budget,
+        args.causal,
+        args.dtype,
+        args.device,
+        args.inference,
+        dict(args.min_accuracy),
+        args.allow_approximate,
+        args.max_extrapolation,
+        args.decode,
+        args.n_kv_heads,
+        args.device_name,
+    )
     print(json.dumps(asdict(rec), indent=2) if args.json else format_table(rec))
     far = [c for c in rec.ranked if c.extrapolated]
     if far and not args.json:
-        print(f"\nWARNING: {', '.join(c.backend for c in far)}: not measured at n={args.seq_len}; "
-              "extrapolated figures (marked ~) must be confirmed by a run.", file=sys.stderr)
+        print(
+            f"\nWARNING: {', '.join(c.backend for c in far)}: not measured at n={args.seq_len}; "
+            "extrapolated figures (marked ~) must be confirmed by a run.",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -34,6 +34,8 @@ QUANTITIES: list[tuple[str, str, Callable[[float], str]]] = [
     ("max_abs_err_vs_full", "Max abs error of a sparse mask against full attention", lambda v: f"{v:.1e}"),
     ("value", "Metric value (the record's `metric`)", lambda v: f"{v:.4g}"),
 ]
+
+
 def pivot(rows, field, fmt, varying) -> tuple[list[int], dict[str, dict[int, str]]]:
     """label -> seq_len -> cell text (the value, or the status when not ok)."""
     lengths = sorted({r["seq_len"] for r in rows})
@@ -94,16 +96,23 @@ def maxlen_table(searches: list[dict[str, Any]], varying: tuple[str, ...]) -> li
     found = [r for r in searches if r["status"] == "ok"]
     if not found:
         return []
-    out = ["**Longest length that fits the memory budget (bench=maxlen)**", "",
-           "| backend | longest n | first n that does not fit | budget GiB | peak MiB at longest | how |",
-           "|---|---:|---:|---:|---:|---|"]
+    out = [
+        "**Longest length that fits the memory budget (bench=maxlen)**",
+        "",
+        "| backend | longest n | first n that does not fit | budget GiB | peak MiB at longest | how |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for r in sorted(found, key=lambda r: -r["value"]):
         extra = r.get("extra") or {}
-        peak = max((t["peak_mib"] for t in extra.get("tried", []) if t["seq_len"] == r["value"] and t["peak_mib"]),
-                   default=None)
+        peak = max(
+            (t["peak_mib"] for t in extra.get("tried", []) if t["seq_len"] == r["value"] and t["peak_mib"]),
+            default=None,
+        )
         how = "measured (ran the step)" if extra.get("method") == "measure" else "predicted (memory guard)"
-        out.append(f"| {label(r, varying)} | {r['value']:,} | {extra.get('first_failing') or 'none tried':,} | "
-                   f"{extra.get('budget_gib', 0):.3g} | {'-' if peak is None else f'{peak:,.0f}'} | {how} |")
+        out.append(
+            f"| {label(r, varying)} | {r['value']:,} | {extra.get('first_failing') or 'none tried':,} | "
+            f"{extra.get('budget_gib', 0):.3g} | {'-' if peak is None else f'{peak:,.0f}'} | {how} |"
+        )
     return out + [""]
 
 
@@ -113,22 +122,33 @@ def decode_table(rows: list[dict[str, Any]], varying: tuple[str, ...]) -> list[s
     if not found:
         return []
     peaks = sorted({f"{r['extra']['peak_source']}: {r['extra']['peak_gbs']:,.1f} GB/s" for r in found})
-    out = ["**Decoding: one token against a KV cache of n tokens (bench=decode)**", "",
-           f"Bandwidth peak: {'; '.join(peaks)}. A step reads every weight once and, of its state (`cache MiB`), "
-           "what its query sees: a KV cache whole, a sparse mask's key blocks, a fixed-size state.", "",
-           "| backend | n | ms/token | tokens/s | cache MiB | GB/s | of peak | prefill s | prefill peak MiB | decode kernel |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    out = [
+        "**Decoding: one token against a KV cache of n tokens (bench=decode)**",
+        "",
+        f"Bandwidth peak: {'; '.join(peaks)}. A step reads every weight once and, of its state (`cache MiB`), "
+        "what its query sees: a KV cache whole, a sparse mask's key blocks, a fixed-size state.",
+        "",
+        "| backend | n | ms/token | tokens/s | cache MiB | GB/s | of peak | prefill s | prefill peak MiB "
+        "| decode kernel |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in sorted(found, key=lambda r: (label(r, varying), r["seq_len"])):
         x = r["extra"]
         kernel = ", ".join(op.removeprefix("aten::") for op in r.get("attention_ops") or []) or "-"
-        out.append(f"| {label(r, varying)} | {r['seq_len']:,} | {r['fwd_ms']:.3g} | {r['fwd_tokens_per_s']:,.0f} | "
-                   f"{x['cache_mib']:,.4g} | {x['achieved_gbs']:.3g} | {r['value']:.0%} | "
-                   f"{x['prefill_ms'] / 1e3:.3g} | {x['prefill_peak_mem_mib']:,.4g} | {kernel} |")
+        out.append(
+            f"| {label(r, varying)} | {r['seq_len']:,} | {r['fwd_ms']:.3g} | {r['fwd_tokens_per_s']:,.0f} | "
+            f"{x['cache_mib']:,.4g} | {x['achieved_gbs']:.3g} | {r['value']:.0%} | "
+            f"{x['prefill_ms'] / 1e3:.3g} | {x['prefill_peak_mem_mib']:,.4g} | {kernel} |"
+        )
     return out + [""]
 
 
-SCALING = [("fwd_ms", "forward time"), ("fwd_bwd_ms", "fwd+bwd time"),
-           ("fwd_peak_mem_mib", "forward memory"), ("peak_mem_mib", "fwd+bwd memory")]
+SCALING = [
+    ("fwd_ms", "forward time"),
+    ("fwd_bwd_ms", "fwd+bwd time"),
+    ("fwd_peak_mem_mib", "forward memory"),
+    ("peak_mem_mib", "fwd+bwd memory"),
+]
 
 
 def scaling_table(rows: list[dict[str, Any]], varying: tuple[str, ...]) -> list[str]:
@@ -153,12 +173,22 @@ def scaling_table(rows: list[dict[str, Any]], varying: tuple[str, ...]) -> list[
     if not out:
         return []
     header = "| backend | lengths | " + " | ".join(t for _, t in SCALING) + " |"
-    return ["**Fitted exponent k in value ~ n^k (log-log least squares; ± = residual spread)**", "",
-            header, "|---|---|" + "---:|" * len(SCALING), *out, ""]
+    return [
+        "**Fitted exponent k in value ~ n^k (log-log least squares; ± = residual spread)**",
+        "",
+        header,
+        "|---|---|" + "---:|" * len(SCALING),
+        *out,
+        "",
+    ]
 
 
-RATIOS = [("fwd_ms", "forward time"), ("fwd_peak_mem_mib", "forward memory"),
-          ("fwd_bwd_ms", "fwd+bwd time"), ("peak_mem_mib", "fwd+bwd memory")]
+RATIOS = [
+    ("fwd_ms", "forward time"),
+    ("fwd_peak_mem_mib", "forward memory"),
+    ("fwd_bwd_ms", "fwd+bwd time"),
+    ("peak_mem_mib", "fwd+bwd memory"),
+]
 
 
 def baseline_tables(rows: list[dict[str, Any]], baseline: str, varying: tuple[str, ...]) -> list[str]:
@@ -176,17 +206,27 @@ def baseline_tables(rows: list[dict[str, Any]], baseline: str, varying: tuple[st
             if name != baseline and n in lengths and r.get(field):
                 table[name][n] = f"{base[n][field] / r[field]:.3g}x"
         if table:
-            out += [f"**{title}: {baseline} / backend (above 1: the backend saves that factor)**", "",
-                    "| backend | " + " | ".join(f"n={n}" for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
-            out += [f"| {name} | " + " | ".join(cells.get(n, "") for n in lengths) + " |"
-                    for name, cells in sorted(table.items())]
+            out += [
+                f"**{title}: {baseline} / backend (above 1: the backend saves that factor)**",
+                "",
+                "| backend | " + " | ".join(f"n={n}" for n in lengths) + " |",
+                "|---|" + "---:|" * len(lengths),
+            ]
+            out += [
+                f"| {name} | " + " | ".join(cells.get(n, "") for n in lengths) + " |"
+                for name, cells in sorted(table.items())
+            ]
             out.append("")
     return out
 
 
-COMPARED = [("fwd_ms", "Forward latency, ms"), ("fwd_bwd_ms", "Forward+backward latency, ms"),
-            ("fwd_peak_mem_mib", "Peak memory (forward), MiB"), ("peak_mem_mib", "Peak memory of the step, MiB"),
-            ("value", "Metric value")]
+COMPARED = [
+    ("fwd_ms", "Forward latency, ms"),
+    ("fwd_bwd_ms", "Forward+backward latency, ms"),
+    ("fwd_peak_mem_mib", "Peak memory (forward), MiB"),
+    ("peak_mem_mib", "Peak memory of the step, MiB"),
+    ("value", "Metric value"),
+]
 # What makes two records the same cell across two folders (the machine and the commit may differ).
 CELL_KEY = ("label", "seq_len", *SETTINGS)
 
@@ -205,6 +245,7 @@ def provenance(rows: list[dict[str, Any]]) -> str:
 def compare_markdown(rows: list[dict[str, Any]], others: list[dict[str, Any]], name: str, other_name: str) -> str:
     """Cells measured in both sets, side by side: each quantity in both and ``other / this``
     (below 1: ``other`` is faster or smaller). Several records of one cell: their median."""
+
     def by_cell(records):
         cells: dict[tuple, list[dict]] = defaultdict(list)
         for r in records:
@@ -214,9 +255,14 @@ def compare_markdown(rows: list[dict[str, Any]], others: list[dict[str, Any]], n
     mine, theirs = by_cell(rows), by_cell(others)
     shared = sorted(set(mine) & set(theirs), key=lambda k: (k[0], int(k[1]), k[2:]))
     varying = varying_settings([r for k in shared for r in mine[k] + theirs[k]])
-    out = [f"Comparing A = {name} ({provenance(rows)})", f"with B = {other_name} ({provenance(others)}).", "",
-           f"{len(shared)} cells in both; {len(set(mine) - set(theirs))} only in A, "
-           f"{len(set(theirs) - set(mine))} only in B.", ""]
+    out = [
+        f"Comparing A = {name} ({provenance(rows)})",
+        f"with B = {other_name} ({provenance(others)}).",
+        "",
+        f"{len(shared)} cells in both; {len(set(mine) - set(theirs))} only in A, "
+        f"{len(set(theirs) - set(mine))} only in B.",
+        "",
+    ]
 
     def figure(records, field):
         ok = [r[field] for r in records if r["status"] == "ok" and isinstance(r.get(field), (int, float))]
@@ -234,11 +280,19 @@ def compare_markdown(rows: list[dict[str, Any]], others: list[dict[str, Any]], n
             if a is None and b is None:
                 continue
             ratio = f"{b / a:.3g}x" if a and b is not None else "-"
-            lines.append(f"| {label(mine[key][0], varying)} | {key[1]} | {text(mine[key], a)} | "
-                         f"{text(theirs[key], b)} | {ratio} |")
+            lines.append(
+                f"| {label(mine[key][0], varying)} | {key[1]} | {text(mine[key], a)} | "
+                f"{text(theirs[key], b)} | {ratio} |"
+            )
         if lines:
-            out += [f"**{title}: B / A**", "", "| backend | n | A | B | B / A |", "|---|---:|---:|---:|---:|",
-                    *lines, ""]
+            out += [
+                f"**{title}: B / A**",
+                "",
+                "| backend | n | A | B | B / A |",
+                "|---|---:|---:|---:|---:|",
+                *lines,
+                "",
+            ]
     return "\n".join(out)
 
 
@@ -258,10 +312,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path, help="also write one row per record as CSV here")
     parser.add_argument("--html", type=Path, help="also write a self-contained HTML page with plots (PNGs beside it)")
     parser.add_argument("--pareto-len", type=int, help="the length of the Pareto plot (default: the longest measured)")
-    parser.add_argument("--compare", type=Path, metavar="OTHER", help="another folder of records (another commit "
-                        "or machine): print the cells of both side by side, with OTHER / PATH")
-    parser.add_argument("--baseline", help="a backend label (e.g. full, sdpa[kernel=flash]): add tables of "
-                        "its time and memory divided by every other backend's")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        metavar="OTHER",
+        help="another folder of records (another commit "
+        "or machine): print the cells of both side by side, with OTHER / PATH",
+    )
+    parser.add_argument(
+        "--baseline",
+        help="a backend label (e.g. full, sdpa[kernel=flash]): add tables of "
+        "its time and memory divided by every other backend's",
+    )
     args = parser.parse_args(argv)
     if not args.path.exists():
         parser.error(f"{args.path} does not exist")

@@ -6,7 +6,8 @@ autocast on GPU, validation every ``eval_every`` steps, the best weights on vali
 order and initialisation, and a clean resume from ``last.pt`` (``bench.resume=true``, or a SLURM
 job requeued after preemption: model, optimiser, schedule, step, the data order or stream
 position, and the memory). The learning curve goes to the W&B run's history; the record gets
-the test metric, throughput, peak memory, wall time and steps. What is read and how it is scored comes from the task (``bench/tasks``).
+the test metric, throughput, peak memory, wall time and steps. What is read and how it is scored
+comes from the task (``bench/tasks``).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def readable_checkpoint(path: Path):
         raise DamagedCheckpoint(
             f"checkpoint {path} cannot be loaded ({type(e).__name__}: {first_line}); it is damaged or from "
             f"another model or suite version. Delete it (training then starts from step 0) or point the "
-            f"run at another output folder") from e
+            f"run at another output folder"
+        ) from e
 
 
 def learning_rate(step: int, warmup: int, total: int) -> float:
@@ -81,14 +83,19 @@ def run_accuracy(cfg, device: str, tracker=None, output_dir: Path | None = None)
     bench, task = cfg.bench, get_task(cfg.task.name)
     backend = get_backend(cfg.attention.name)
     if not backend.trains_on(device, **attention_options(cfg)):
-        raise Unsupported(f"{backend.name} has no backward on {device}{option_words(cfg)}, and training needs one "
-                          f"(it trains on: {', '.join(backend.capabilities.backward_devices)})")
+        raise Unsupported(
+            f"{backend.name} has no backward on {device}{option_words(cfg)}, and training needs one "
+            f"(it trains on: {', '.join(backend.capabilities.backward_devices)})"
+        )
     if task.data is None:
         trainable = [name for name in task_names() if get_task(name).data is not None]
         raise ValueError(f"task {task.name} has no data to train on; bench=accuracy takes: {', '.join(trainable)}")
     if (task.n_classes(cfg.task) is None) != bool(cfg.causal):
-        kind = "a causal language-modelling task: set causal=true" if not cfg.causal else \
-            "a classification task for an encoder: set causal=false"
+        kind = (
+            "a causal language-modelling task: set causal=true"
+            if not cfg.causal
+            else "a classification task for an encoder: set causal=false"
+        )
         raise ValueError(f"task {task.name} is {kind}")
     output_dir = Path(output_dir or ".")
     torch.manual_seed(cfg.seed)
@@ -96,7 +103,8 @@ def run_accuracy(cfg, device: str, tracker=None, output_dir: Path | None = None)
     model = build_model(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=bench.lr, weight_decay=bench.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate(step, bench.warmup_steps, bench.steps))
+        optimizer, lambda step: learning_rate(step, bench.warmup_steps, bench.steps)
+    )
     step, best_val, best_step = 0, None, 0
     last, best = output_dir / "last.pt", output_dir / "best.pt"
     requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0  # preempted and requeued by SLURM
@@ -120,8 +128,13 @@ def run_accuracy(cfg, device: str, tracker=None, output_dir: Path | None = None)
     validation = "val_" + data.metric.removeprefix("test_")
     started, tokens_seen = time.perf_counter(), 0
     model.train()
-    progress = tqdm(total=bench.steps, initial=step, desc=f"{cfg.attention.name} {task.name}", mininterval=5,
-                    disable=not bench.progress)
+    progress = tqdm(
+        total=bench.steps,
+        initial=step,
+        desc=f"{cfg.attention.name} {task.name}",
+        mininterval=5,
+        disable=not bench.progress,
+    )
     while step < bench.steps:
         with autocast():
             loss, n_tokens = data.train_loss(model)
@@ -141,9 +154,19 @@ def run_accuracy(cfg, device: str, tracker=None, output_dir: Path | None = None)
             if improves(metrics[validation]):
                 best_val, best_step = metrics[validation], step
                 save_checkpoint(model.state_dict(), best)
-            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "schedule": schedule.state_dict(), "data": data.state_dict(), "step": step,
-                             "rng": torch.get_rng_state(), "best_val": best_val, "best_step": best_step}, last)
+            save_checkpoint(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "data": data.state_dict(),
+                    "step": step,
+                    "rng": torch.get_rng_state(),
+                    "best_val": best_val,
+                    "best_step": best_step,
+                },
+                last,
+            )
         if tracker is not None:
             tracker.log(metrics, step=step)
     progress.close()
@@ -160,16 +183,36 @@ def run_accuracy(cfg, device: str, tracker=None, output_dir: Path | None = None)
 
     peak = measure.peak_memory_bytes(one_step, device)
     return {
-        "metric": data.metric, "value": test_value,
+        "metric": data.metric,
+        "value": test_value,
         "fwd_bwd_tokens_per_s": tokens_seen / train_s if tokens_seen else None,  # real (unpadded) tokens
-        "peak_mem_mib": peak / measure.MIB, "fwd_bwd_peak_mem_mib": peak / measure.MIB,
-        "extra": {"best_" + validation: best_val, "best_step": best_step, "steps": step,
-                  "resumed_from_step": resumed_from, "train_seconds": train_s, **data.describe()},
+        "peak_mem_mib": peak / measure.MIB,
+        "fwd_bwd_peak_mem_mib": peak / measure.MIB,
+        "extra": {
+            "best_" + validation: best_val,
+            "best_step": best_step,
+            "steps": step,
+            "resumed_from_step": resumed_from,
+            "train_seconds": train_s,
+            **data.describe(),
+        },
     }
 
 
-register_bench(Bench(
-    "accuracy", AccuracyBenchConfig, run_accuracy, exclusive=False,
-    bounds={"steps": Bound(1), "lr": Bound(0, open=True), "weight_decay": Bound(0), "warmup_steps": Bound(0),
-            "clip": Bound(0, open=True), "eval_every": Bound(1), "threads": Bound(1)},
-))
+register_bench(
+    Bench(
+        "accuracy",
+        AccuracyBenchConfig,
+        run_accuracy,
+        exclusive=False,
+        bounds={
+            "steps": Bound(1),
+            "lr": Bound(0, open=True),
+            "weight_decay": Bound(0),
+            "warmup_steps": Bound(0),
+            "clip": Bound(0, open=True),
+            "eval_every": Bound(1),
+            "threads": Bound(1),
+        },
+    )
+)

@@ -35,7 +35,6 @@ from efficient.attention import Attention, Setting, Unsupported, get_backend
 from efficient.bounds import Bound
 from efficient.kv_cache import KVCache, empty_caches
 
-
 MAX_DECODE_STEPS = 100_000  # decode_tokens and warmup: a median needs far fewer; the cache grows by each
 
 
@@ -123,8 +122,9 @@ def check_decode_step(cfg, model, token, logits, reference_states, device: str):
             if isinstance(layer, Attention):
                 layer.reference_mode = True
         expected, _ = reference(token, states=reference_states)
-    error, problem = check_exact(cfg.attention.name, cfg.dtype.value, logits, expected,
-                                 "the first decode step's logits", LOGIT_DIMS)
+    error, problem = check_exact(
+        cfg.attention.name, cfg.dtype.value, logits, expected, "the first decode step's logits", LOGIT_DIMS
+    )
     where = f"exact attention over a copy of the cache, {str(ref_dtype).removeprefix('torch.')} on {device}"
     return (error, where), problem
 
@@ -137,17 +137,23 @@ def run_decode(cfg, device: str, **context) -> dict:
     predicted = predicted_prefill_bytes(cfg, device, chunk)
     budget = measure.memory_budget_bytes(device, cfg.bench.memory_budget_gib)
     if predicted > budget:
-        raise PredictedOOM(f"predicted prefill peak {predicted / measure.GIB:,.1f} GiB exceeds the budget of "
-                           f"{budget / measure.GIB:,.1f} GiB (bench.memory_budget_gib; a smaller "
-                           f"bench.prefill_chunk needs less); not run")
+        raise PredictedOOM(
+            f"predicted prefill peak {predicted / measure.GIB:,.1f} GiB exceeds the budget of "
+            f"{budget / measure.GIB:,.1f} GiB (bench.memory_budget_gib; a smaller "
+            f"bench.prefill_chunk needs less); not run"
+        )
     capabilities = get_backend(cfg.attention.name).capabilities
     stateful = capabilities.stateful
     # The first decode step is checked against the exact reference on a copy of the cache (float64
     # on CPU, float32 on GPU), when that copy fits beside the prefill; XL keeps its memory instead,
     # and running sums keep no keys to attend over.
     head_dim = cfg.model.d_model // cfg.model.n_heads
-    copy_bytes = b * cfg.model.n_layers * Attention.decoding_state_elements(kv_heads(cfg), head_dim, n + steps) \
+    copy_bytes = (
+        b
+        * cfg.model.n_layers
+        * Attention.decoding_state_elements(kv_heads(cfg), head_dim, n + steps)
         * (8 if device == "cpu" else 4)
+    )
     exact = not stateful and not capabilities.constant_state and predicted + copy_bytes <= budget
     make = make_attention(cfg, mem_len=n) if stateful else None  # XL: a memory of the whole context
     model = language_model(cfg, make, max_len=n + steps).to(device=device, dtype=dtype).eval()
@@ -183,9 +189,15 @@ def run_decode(cfg, device: str, **context) -> dict:
             last[0] = step(len(lengths) + 1)
             lengths.append(n + len(lengths) + 2)
 
-        t = measure.time_ms(next_step, device, warmup=cfg.bench.warmup, repeats=cfg.bench.decode_tokens,
-                            min_time_s=cfg.bench.min_time_s, max_repeats=steps - 1 - cfg.bench.warmup)
-        times_ms, lengths = t["times_ms"], lengths[cfg.bench.warmup:]
+        t = measure.time_ms(
+            next_step,
+            device,
+            warmup=cfg.bench.warmup,
+            repeats=cfg.bench.decode_tokens,
+            min_time_s=cfg.bench.min_time_s,
+            max_repeats=steps - 1 - cfg.bench.warmup,
+        )
+        times_ms, lengths = t["times_ms"], lengths[cfg.bench.warmup :]
         problem = problem or nonfinite(last[0], "the last decode step's logits", LOGIT_DIMS)
     element = torch.tensor([], dtype=dtype).element_size()
     weights = sum(p.numel() for name, p in model.named_parameters() if "positions" not in name) * element
@@ -193,19 +205,32 @@ def run_decode(cfg, device: str, **context) -> dict:
     achieved_gbs = measure.summarize([r / (t / 1e3) / 1e9 for r, t in zip(read, times_ms)])["median"]
     peak_gbs, peak_source = measure.peak_bandwidth(device)
     result = {
-        "fwd_ms": t["median"], "fwd_ms_p20": t["p20"], "fwd_ms_p80": t["p80"], "fwd_samples": t["samples"],
+        "fwd_ms": t["median"],
+        "fwd_ms_p20": t["p20"],
+        "fwd_ms_p80": t["p80"],
+        "fwd_samples": t["samples"],
         "fwd_tokens_per_s": b / (t["median"] / 1e3),
-        "fwd_peak_mem_mib": prefill_peak / MIB, "peak_mem_mib": prefill_peak / MIB,
-        "predicted_mem_mib": predicted / MIB, "attention_ops": decode_ops,
-        "metric": "bandwidth_fraction", "value": achieved_gbs / peak_gbs,
+        "fwd_peak_mem_mib": prefill_peak / MIB,
+        "peak_mem_mib": prefill_peak / MIB,
+        "predicted_mem_mib": predicted / MIB,
+        "attention_ops": decode_ops,
+        "metric": "bandwidth_fraction",
+        "value": achieved_gbs / peak_gbs,
         "note": "fwd_ms: one decode step (a token per sequence) with the cache at seq_len; peak: the prefill's",
         "extra": {
-            "prefill_ms": prefill_ms, "prefill_tokens_per_s": b * n / (prefill_ms / 1e3),
-            "prefill_peak_mem_mib": prefill_peak / MIB, "prefill_chunk": chunk, "prefill_ops": prefill_ops,
-            "decode_ms": t["median"], "decode_tokens": len(times_ms),
-            "cache_mib": cache_bytes(cfg, n, element) / MIB, "weights_mib": weights / MIB,
-            "bytes_per_token": statistics.median(read), "achieved_gbs": achieved_gbs,
-            "peak_gbs": peak_gbs, "peak_source": peak_source,
+            "prefill_ms": prefill_ms,
+            "prefill_tokens_per_s": b * n / (prefill_ms / 1e3),
+            "prefill_peak_mem_mib": prefill_peak / MIB,
+            "prefill_chunk": chunk,
+            "prefill_ops": prefill_ops,
+            "decode_ms": t["median"],
+            "decode_tokens": len(times_ms),
+            "cache_mib": cache_bytes(cfg, n, element) / MIB,
+            "weights_mib": weights / MIB,
+            "bytes_per_token": statistics.median(read),
+            "achieved_gbs": achieved_gbs,
+            "peak_gbs": peak_gbs,
+            "peak_source": peak_source,
         },
     }
     if exact_error is not None:
@@ -215,10 +240,19 @@ def run_decode(cfg, device: str, **context) -> dict:
     return result
 
 
-register_bench(Bench(
-    "decode", DecodeBenchConfig, run_decode,
-    bounds={"decode_tokens": Bound(1, high=MAX_DECODE_STEPS), "warmup": Bound(0, high=MAX_DECODE_STEPS),
-            "max_decode_tokens": Bound(1, high=MAX_DECODE_STEPS), "min_time_s": Bound(0),
+register_bench(
+    Bench(
+        "decode",
+        DecodeBenchConfig,
+        run_decode,
+        bounds={
+            "decode_tokens": Bound(1, high=MAX_DECODE_STEPS),
+            "warmup": Bound(0, high=MAX_DECODE_STEPS),
+            "max_decode_tokens": Bound(1, high=MAX_DECODE_STEPS),
+            "min_time_s": Bound(0),
             "prefill_chunk": Bound(1),
-            "memory_budget_gib": Bound(0, open=True), "threads": Bound(1)},
-))
+            "memory_budget_gib": Bound(0, open=True),
+            "threads": Bound(1),
+        },
+    )
+)

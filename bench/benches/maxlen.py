@@ -20,7 +20,6 @@ The record's ``value`` is the longest length that fits (``metric`` = ``max_seq_l
 from __future__ import annotations
 
 import gc
-
 from dataclasses import dataclass
 from enum import Enum
 from typing import Optional
@@ -29,8 +28,7 @@ import torch
 
 from bench import measure
 from bench.benches import Bench, register_bench
-from bench.cell import (PredictedOOM, Scope, attention_options, build_subject, cell_shape, option_words,
-                        predicted_bytes)
+from bench.cell import PredictedOOM, Scope, attention_options, build_subject, cell_shape, option_words, predicted_bytes
 from efficient.attention import Unsupported, get_backend
 from efficient.bounds import Bound
 
@@ -95,8 +93,10 @@ def run_maxlen(cfg, device: str, **context) -> dict:
     bench = cfg.bench
     backend = get_backend(cfg.attention.name)
     if bench.backward and not backend.trains_on(device, **attention_options(cfg)):
-        raise Unsupported(f"{backend.name} has no backward on {device}{option_words(cfg)}: "
-                          f"search the forward with bench.backward=false")
+        raise Unsupported(
+            f"{backend.name} has no backward on {device}{option_words(cfg)}: "
+            f"search the forward with bench.backward=false"
+        )
     method = bench.method.value if bench.method.value != "auto" else ("measure" if device == "cuda" else "predict")
     budget = measure.memory_budget_bytes(device, bench.memory_budget_gib)
     tried: list[dict] = []
@@ -109,8 +109,10 @@ def run_maxlen(cfg, device: str, **context) -> dict:
 
     start, resolution = cfg.seq_len, bench.resolution
     if not fits(start):
-        raise PredictedOOM(f"the starting length {start} does not fit the budget of "
-                           f"{budget / measure.GIB:,.1f} GiB ({method}); lower seq_len")
+        raise PredictedOOM(
+            f"the starting length {start} does not fit the budget of "
+            f"{budget / measure.GIB:,.1f} GiB ({method}); lower seq_len"
+        )
     fitting, failing = start, None
     while failing is None and fitting * 2 <= bench.limit:
         if fits(fitting * 2):
@@ -126,15 +128,30 @@ def run_maxlen(cfg, device: str, **context) -> dict:
         else:
             failing = middle
     return {
-        "metric": "max_seq_len", "value": fitting,
+        "metric": "max_seq_len",
+        "value": fitting,
         "note": None if failing else f"fits up to the search limit bench.limit={bench.limit}",
-        "extra": {"method": method, "budget_gib": budget / measure.GIB, "first_failing": failing,
-                  "resolution": resolution, "tried": tried},
+        "extra": {
+            "method": method,
+            "budget_gib": budget / measure.GIB,
+            "first_failing": failing,
+            "resolution": resolution,
+            "tried": tried,
+        },
     }
 
 
-register_bench(Bench(
-    "maxlen", MaxLenBenchConfig, run_maxlen,
-    bounds={"memory_budget_gib": Bound(0, open=True), "resolution": Bound(1), "limit": Bound(1),
-            "pad_fraction": Bound(0, high=1), "threads": Bound(1)},
-))
+register_bench(
+    Bench(
+        "maxlen",
+        MaxLenBenchConfig,
+        run_maxlen,
+        bounds={
+            "memory_budget_gib": Bound(0, open=True),
+            "resolution": Bound(1),
+            "limit": Bound(1),
+            "pad_fraction": Bound(0, high=1),
+            "threads": Bound(1),
+        },
+    )
+)

@@ -18,13 +18,21 @@ import torch
 
 from bench import measure
 from bench.benches import Bench, register_bench
-from bench.cell import (PredictedOOM, Scope, Subject, attention_options, build_subject, cell_shape, layer_flops,
-                        option_words, predicted_bytes)
+from bench.cell import (
+    PredictedOOM,
+    Scope,
+    Subject,
+    attention_options,
+    build_subject,
+    cell_shape,
+    layer_flops,
+    option_words,
+    predicted_bytes,
+)
 from bench.measure import MIB
 from bench.output_check import WrongOutput, check_exact, nonfinite
 from efficient.attention import Attention, get_backend
 from efficient.bounds import Bound
-
 
 OUTPUT_DIMS = ("batch", "position", "feature")  # the subject's output: [b, n, d_model] (or logits)
 
@@ -106,10 +114,16 @@ def run_speed(cfg, device: str, **context) -> dict:
     t = measure.time_ms(fwd, device, **budget)
     peak, ops = measure.profile_step(fwd, device)
     result.update(
-        fwd_ms=t["median"], fwd_ms_p20=t["p20"], fwd_ms_p80=t["p80"], fwd_samples=t["samples"],
-        fwd_tokens_per_s=tokens / (t["median"] / 1e3), flops_fwd=flops_fwd,
+        fwd_ms=t["median"],
+        fwd_ms_p20=t["p20"],
+        fwd_ms_p80=t["p80"],
+        fwd_samples=t["samples"],
+        fwd_tokens_per_s=tokens / (t["median"] / 1e3),
+        flops_fwd=flops_fwd,
         tflops=flops_fwd / (t["median"] / 1e3) / 1e12,
-        fwd_peak_mem_mib=peak / MIB, peak_mem_mib=peak / MIB, attention_ops=ops,
+        fwd_peak_mem_mib=peak / MIB,
+        peak_mem_mib=peak / MIB,
+        attention_ops=ops,
     )
     backend = get_backend(cfg.attention.name)
     if training and not backend.trains_on(device, **attention_options(cfg)):
@@ -120,7 +134,10 @@ def run_speed(cfg, device: str, **context) -> dict:
         wrong = gradient_problem(module)
         module.zero_grad(set_to_none=True)
         result.update(
-            fwd_bwd_ms=t["median"], fwd_bwd_ms_p20=t["p20"], fwd_bwd_ms_p80=t["p80"], fwd_bwd_samples=t["samples"],
+            fwd_bwd_ms=t["median"],
+            fwd_bwd_ms_p20=t["p20"],
+            fwd_bwd_ms_p80=t["p80"],
+            fwd_bwd_samples=t["samples"],
             fwd_bwd_tokens_per_s=tokens / (t["median"] / 1e3),
             fwd_bwd_tflops=flops_fwd_bwd / (t["median"] / 1e3) / 1e12,
             fwd_bwd_peak_mem_mib=measure.peak_memory_bytes(fwd_bwd, device) / MIB,
@@ -132,8 +149,9 @@ def run_speed(cfg, device: str, **context) -> dict:
     output = fwd()
     if cfg.bench.check_error:
         reference, result["reference"] = exact_reference(subject, device)
-        result["max_abs_err"], problem = check_exact(cfg.attention.name, cfg.dtype.value, output, reference,
-                                                     "the forward output", OUTPUT_DIMS)
+        result["max_abs_err"], problem = check_exact(
+            cfg.attention.name, cfg.dtype.value, output, reference, "the forward output", OUTPUT_DIMS
+        )
         if get_backend(cfg.attention.name).capabilities.sparse_mask:  # what the mask costs against full attention
             full, _ = exact_reference(subject, device, unmasked=True)
             result["max_abs_err_vs_full"] = (output.double() - full.double()).abs().max().item()
@@ -144,8 +162,18 @@ def run_speed(cfg, device: str, **context) -> dict:
     return result
 
 
-register_bench(Bench(
-    "speed", SpeedBenchConfig, run_speed,
-    bounds={"warmup": Bound(0), "repeats": Bound(1), "min_time_s": Bound(0), "memory_budget_gib": Bound(0, open=True),
-            "threads": Bound(1), "pad_fraction": Bound(0, high=1)},
-))
+register_bench(
+    Bench(
+        "speed",
+        SpeedBenchConfig,
+        run_speed,
+        bounds={
+            "warmup": Bound(0),
+            "repeats": Bound(1),
+            "min_time_s": Bound(0),
+            "memory_budget_gib": Bound(0, open=True),
+            "threads": Bound(1),
+            "pad_fraction": Bound(0, high=1),
+        },
+    )
+)

@@ -38,8 +38,10 @@ def run_xl_eval(cfg, device: str, **context) -> dict:
     if not 0 < tgt_len < span:
         raise ValueError(f"bench.tgt_len must be between 1 and seq_len - 1 (the attention length), got {tgt_len}")
     if cfg.attention.name != "xl":
-        raise Unsupported(f"bench=xl_eval times Transformer-XL against a vanilla model of the same size: it "
-                          f"takes attention=xl, not {cfg.attention.name}")
+        raise Unsupported(
+            f"bench=xl_eval times Transformer-XL against a vanilla model of the same size: it "
+            f"takes attention=xl, not {cfg.attention.name}"
+        )
     dtype = getattr(torch, cfg.dtype.value)
     xl = language_model(cfg, make_attention(cfg, mem_len=span - tgt_len))
     vanilla = language_model(cfg, attention_factory("full", cfg.model.d_model, cfg.model.n_heads))
@@ -64,17 +66,32 @@ def run_xl_eval(cfg, device: str, **context) -> dict:
     speedup = t_vanilla["median"] / xl_per_token
     paper = PAPER_SPEEDUP.get(span)
     return {
-        "fwd_ms": t_xl["median"], "fwd_ms_p20": t_xl["p20"], "fwd_ms_p80": t_xl["p80"], "fwd_samples": t_xl["samples"],
+        "fwd_ms": t_xl["median"],
+        "fwd_ms_p20": t_xl["p20"],
+        "fwd_ms_p80": t_xl["p80"],
+        "fwd_samples": t_xl["samples"],
         "fwd_tokens_per_s": b * tgt_len / (t_xl["median"] / 1e3),
-        "metric": "eval_speedup_per_token", "value": speedup,
+        "metric": "eval_speedup_per_token",
+        "value": speedup,
         "extra": {
-            "attention_length": span, "tgt_len": tgt_len, "mem_len": span - tgt_len,
-            "xl_ms_per_token": xl_per_token, "vanilla_ms_per_token": t_vanilla["median"],
-            "vanilla_ms_p20": t_vanilla["p20"], "vanilla_ms_p80": t_vanilla["p80"],
-            "paper_speedup": paper, "ratio_to_paper": speedup / paper if paper else None,
+            "attention_length": span,
+            "tgt_len": tgt_len,
+            "mem_len": span - tgt_len,
+            "xl_ms_per_token": xl_per_token,
+            "vanilla_ms_per_token": t_vanilla["median"],
+            "vanilla_ms_p20": t_vanilla["p20"],
+            "vanilla_ms_p80": t_vanilla["p80"],
+            "paper_speedup": paper,
+            "ratio_to_paper": speedup / paper if paper else None,
         },
     }
 
 
-register_bench(Bench("xl_eval", XLEvalBenchConfig, run_xl_eval,
-                     bounds={"tgt_len": Bound(1), "warmup": Bound(0), "repeats": Bound(1), "min_time_s": Bound(0)}))
+register_bench(
+    Bench(
+        "xl_eval",
+        XLEvalBenchConfig,
+        run_xl_eval,
+        bounds={"tgt_len": Bound(1), "warmup": Bound(0), "repeats": Bound(1), "min_time_s": Bound(0)},
+    )
+)

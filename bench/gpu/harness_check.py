@@ -37,8 +37,10 @@ def subject_forward(kernel: str, seq_len: int, cell: tuple[str, ...]):
 
     conf = Path(__file__).resolve().parents[2] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            "attention=sdpa", f"attention.kernel={kernel}", f"seq_len={seq_len}", *cell])
+        cfg = compose(
+            config_name="config",
+            overrides=["attention=sdpa", f"attention.kernel={kernel}", f"seq_len={seq_len}", *cell],
+        )
     reason = cannot_run(cfg)
     if reason:
         return None, reason
@@ -77,8 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rehearse", action="store_true", help="on CPU, tiny shapes, torch.utils.benchmark")
     args = parser.parse_args(argv)
     if args.rehearse:
-        device, cell, lengths, reference, reference_name = "cpu", REHEARSAL_CELL, (64, 256), cpu_timer_ms, \
-            "torch.utils.benchmark"
+        device, cell, lengths, reference, reference_name = (
+            "cpu",
+            REHEARSAL_CELL,
+            (64, 256),
+            cpu_timer_ms,
+            "torch.utils.benchmark",
+        )
     elif not torch.cuda.is_available():
         print("harness check: needs CUDA (--rehearse runs it on CPU)", file=sys.stderr)
         return 2
@@ -101,22 +108,42 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             suite = time_ms(forward, device, warmup=3, repeats=20)["median"]
             theirs = reference(forward)
-            rows.append({"kernel": kernel, "seq_len": n, "suite_ms": suite, "reference_ms": theirs,
-                         "relative_difference": suite / theirs - 1})
+            rows.append(
+                {
+                    "kernel": kernel,
+                    "seq_len": n,
+                    "suite_ms": suite,
+                    "reference_ms": theirs,
+                    "relative_difference": suite / theirs - 1,
+                }
+            )
     if not rows:
         print(f"harness check: no kernel could run here: {refused}", file=sys.stderr)
         return 2
     worst = max(abs(r["relative_difference"]) for r in rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu (rehearsal)",
-              "torch": torch.__version__, "reference": reference_name, "tolerance": args.tolerance,
-              "passed": worst <= args.tolerance, "rows": rows, "refused": refused}
+    result = {
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu (rehearsal)",
+        "torch": torch.__version__,
+        "reference": reference_name,
+        "tolerance": args.tolerance,
+        "passed": worst <= args.tolerance,
+        "rows": rows,
+        "refused": refused,
+    }
     (args.out / "harness_check.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"Harness check on {result['device_name']} (torch {torch.__version__}): the suite's median "
-             f"against {reference_name}, same call, one process; tolerance {args.tolerance:.0%}.", "",
-             "| kernel | n | suite ms | reference ms | difference |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['kernel']} | {r['seq_len']} | {r['suite_ms']:.4g} | {r['reference_ms']:.4g} | "
-              f"{r['relative_difference']:+.1%} |" for r in rows]
+    lines = [
+        f"Harness check on {result['device_name']} (torch {torch.__version__}): the suite's median "
+        f"against {reference_name}, same call, one process; tolerance {args.tolerance:.0%}.",
+        "",
+        "| kernel | n | suite ms | reference ms | difference |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['kernel']} | {r['seq_len']} | {r['suite_ms']:.4g} | {r['reference_ms']:.4g} | "
+        f"{r['relative_difference']:+.1%} |"
+        for r in rows
+    ]
     lines += [f"| {r['kernel']} | {r['seq_len']} | - | - | cannot run: {r['reason']} |" for r in refused]
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

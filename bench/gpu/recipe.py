@@ -37,10 +37,12 @@ REPO = Path(__file__).resolve().parents[2]
 RESERVE_S = 15.0  # of a budget, for the tarball at the end
 TARBALL_LIMIT = 16 * 2**20  # what a lent machine sends back per file
 PACKED = ("result.json", "report.md", "results.csv", "harness_check.json", "log.txt", "recipe_state.json")
-PROGRESS = re.compile(rf"^\S+: (skipped, already recorded|{'|'.join(STATUSES)})\b"  # run.py's line per cell
-                      r"|^resume: skipped \d+"                                  # a sweep's recorded cells
-                      r"|^=+ .*\b(passed|failed|skipped|error)"                  # pytest's summary
-                      r"|^\| \w+ \| \d+ \|")                                     # the harness check's rows
+PROGRESS = re.compile(
+    rf"^\S+: (skipped, already recorded|{'|'.join(STATUSES)})\b"  # run.py's line per cell
+    r"|^resume: skipped \d+"  # a sweep's recorded cells
+    r"|^=+ .*\b(passed|failed|skipped|error)"  # pytest's summary
+    r"|^\| \w+ \| \d+ \|"
+)  # the harness check's rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,42 +50,79 @@ class Profile:
     """Where the steps run: the GPU itself, or a CPU rehearsal with tiny shapes."""
 
     name: str
-    cell: tuple[str, ...]            # overrides that place a cell outside an experiment (device, dtype, model)
-    n: Callable[[int], int]          # a GPU sequence length -> this profile's
+    cell: tuple[str, ...]  # overrides that place a cell outside an experiment (device, dtype, model)
+    n: Callable[[int], int]  # a GPU sequence length -> this profile's
     extra: dict[str, tuple[str, ...]]  # per-step overrides (the rehearsal's shrink the work)
 
     def lengths(self, *gpu_lengths: int) -> str:
         return ",".join(str(n) for n in dict.fromkeys(map(self.n, gpu_lengths)))
 
 
-GPU = Profile("gpu", ("device=cuda", "dtype=bfloat16", "model=gpu_d128"), lambda n: n, {
-    "linformer": ("attention.k=128,256",),
-    "decode": ("model.n_kv_heads=8,1",),
-    "xl_eval": ("device=cuda", "seq_len=800,3800"),
-    "lra": ("bench.amp=true",),
-})
-TINY = ("device=cpu", "dtype=float32", "model.d_model=256", "model.n_heads=8", "model.d_ff=256",
-        "model.n_layers=1")  # heads of 32, as on the GPU a multiple of 8
-REHEARSAL = Profile("rehearsal", TINY, lambda n: min(max(n // 64, 16), 512), {
-    "speed": ("bench.warmup=1", "bench.repeats=2"),
-    "experiment": TINY,  # over an experiment's own device, dtype and model
-    "maxlen": ("bench.memory_budget_gib=0.05", "bench.limit=4096"),
-    "linformer": ("attention.k=8,16",),
-    "decode": (*TINY, "model.n_kv_heads=2,1", "bench.prefill_chunk=128", "bench.decode_tokens=4", "bench.warmup=1"),
-    "xl_eval": ("device=cpu", "seq_len=48,96", "model.d_model=64", "model.n_heads=2", "model.d_ff=128",
-                "bench.tgt_len=16", "bench.repeats=1"),
-    "lra": ("device=cpu", "task.n_train=64", "task.n_val=16", "task.n_test=16", "task.min_length=20",
-            "task.max_length=120", "seq_len=120", "batch_size=8", "model.d_model=64", "model.n_heads=2",
-            "model.n_layers=1", "model.d_ff=128", "bench.steps=4", "bench.warmup_steps=1", "bench.eval_every=2",
-            "bench.progress=false"),
-})
+GPU = Profile(
+    "gpu",
+    ("device=cuda", "dtype=bfloat16", "model=gpu_d128"),
+    lambda n: n,
+    {
+        "linformer": ("attention.k=128,256",),
+        "decode": ("model.n_kv_heads=8,1",),
+        "xl_eval": ("device=cuda", "seq_len=800,3800"),
+        "lra": ("bench.amp=true",),
+    },
+)
+TINY = (
+    "device=cpu",
+    "dtype=float32",
+    "model.d_model=256",
+    "model.n_heads=8",
+    "model.d_ff=256",
+    "model.n_layers=1",
+)  # heads of 32, as on the GPU a multiple of 8
+REHEARSAL = Profile(
+    "rehearsal",
+    TINY,
+    lambda n: min(max(n // 64, 16), 512),
+    {
+        "speed": ("bench.warmup=1", "bench.repeats=2"),
+        "experiment": TINY,  # over an experiment's own device, dtype and model
+        "maxlen": ("bench.memory_budget_gib=0.05", "bench.limit=4096"),
+        "linformer": ("attention.k=8,16",),
+        "decode": (*TINY, "model.n_kv_heads=2,1", "bench.prefill_chunk=128", "bench.decode_tokens=4", "bench.warmup=1"),
+        "xl_eval": (
+            "device=cpu",
+            "seq_len=48,96",
+            "model.d_model=64",
+            "model.n_heads=2",
+            "model.d_ff=128",
+            "bench.tgt_len=16",
+            "bench.repeats=1",
+        ),
+        "lra": (
+            "device=cpu",
+            "task.n_train=64",
+            "task.n_val=16",
+            "task.n_test=16",
+            "task.min_length=20",
+            "task.max_length=120",
+            "seq_len=120",
+            "batch_size=8",
+            "model.d_model=64",
+            "model.n_heads=2",
+            "model.n_layers=1",
+            "model.d_ff=128",
+            "bench.steps=4",
+            "bench.warmup_steps=1",
+            "bench.eval_every=2",
+            "bench.progress=false",
+        ),
+    },
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Step:
     name: str
-    share_s: float     # planning estimate of its GPU seconds: its share of a budget
-    least_s: float     # below this many seconds it is not worth starting
+    share_s: float  # planning estimate of its GPU seconds: its share of a budget
+    least_s: float  # below this many seconds it is not worth starting
     commands: Callable[[Profile, Path], list[list[str]]]
     what: str
     ran: tuple[int, ...] = (0,)  # exit codes of a command that did its work (failing tests are a result)
@@ -102,21 +141,26 @@ def tests(p: Profile, out: Path) -> list[list[str]]:
 
 
 def harness(p: Profile, out: Path) -> list[list[str]]:
-    return [[sys.executable, "-m", "bench.gpu.harness_check", "--out", str(out)]
-            + (["--rehearse"] if p is REHEARSAL else [])]
+    return [
+        [sys.executable, "-m", "bench.gpu.harness_check", "--out", str(out)]
+        + (["--rehearse"] if p is REHEARSAL else [])
+    ]
 
 
-KERNEL_GROUPS = (("attention=sdpa", "attention.kernel=flash,efficient,cudnn"),
-                 ("attention=xformers", "attention.op=auto,flash3"),
-                 ("attention=flex,chunked,full",))
+KERNEL_GROUPS = (
+    ("attention=sdpa", "attention.kernel=flash,efficient,cudnn"),
+    ("attention=xformers", "attention.op=auto,flash3"),
+    ("attention=flex,chunked,full",),
+)
 
 
 def kernels(p: Profile, out: Path) -> list[list[str]]:
     """Forward and forward+backward, one layer: non-causal at 4K, 16K, 64K, then causal at 16K."""
     cells = speed_cells(p)
-    return ([sweep(out, *group, *cells, f"seq_len={p.lengths(4096, 16384, 65536)}", "causal=false")
-             for group in KERNEL_GROUPS]
-            + [sweep(out, *group, *cells, f"seq_len={p.n(16384)}", "causal=true") for group in KERNEL_GROUPS])
+    return [
+        sweep(out, *group, *cells, f"seq_len={p.lengths(4096, 16384, 65536)}", "causal=false")
+        for group in KERNEL_GROUPS
+    ] + [sweep(out, *group, *cells, f"seq_len={p.n(16384)}", "causal=true") for group in KERNEL_GROUPS]
 
 
 def maxlen(p: Profile, out: Path) -> list[list[str]]:
@@ -129,11 +173,17 @@ def decode(p: Profile, out: Path) -> list[list[str]]:
 
 
 def scaling(p: Profile, out: Path) -> list[list[str]]:
-    cells = ("experiment=scaling_gpu", f"seq_len={p.lengths(*(1024 * 2**i for i in range(8)))}",
-             *p.extra.get("experiment", ()), *p.extra.get("speed", ()))
-    return [sweep(out, *cells, "causal=false,true"),
-            sweep(out, *cells, *KERNEL_GROUPS[0], "causal=false,true"),
-            sweep(out, *cells, "attention=xformers", "attention.op=cutlass,flash,flash3", "causal=false,true")]
+    cells = (
+        "experiment=scaling_gpu",
+        f"seq_len={p.lengths(*(1024 * 2**i for i in range(8)))}",
+        *p.extra.get("experiment", ()),
+        *p.extra.get("speed", ()),
+    )
+    return [
+        sweep(out, *cells, "causal=false,true"),
+        sweep(out, *cells, *KERNEL_GROUPS[0], "causal=false,true"),
+        sweep(out, *cells, "attention=xformers", "attention.op=cutlass,flash,flash3", "causal=false,true"),
+    ]
 
 
 def linformer(p: Profile, out: Path) -> list[list[str]]:
@@ -150,18 +200,31 @@ def main_job(p: Profile, out: Path) -> list[list[str]]:
     """``python run.py``'s study, ``experiment=main_gpu`` (the rehearsal: main_cpu, shrunk)."""
     if p is GPU:
         return [sweep(out, "experiment=main_gpu")]
-    return [sweep(out, "experiment=main_cpu", f"seq_len={p.lengths(1024, 4096)}", *p.extra["experiment"],
-                  *p.extra["speed"])]
+    return [
+        sweep(out, "experiment=main_cpu", f"seq_len={p.lengths(1024, 4096)}", *p.extra["experiment"], *p.extra["speed"])
+    ]
 
 
 def field(p: Profile, out: Path) -> list[list[str]]:
     """LRA's Table 2 on the GPU (every family LRA timed), and the sparse masks through
     FlexAttention against their blockwise path, one layer at 4K and 16K."""
-    table2 = ("experiment=lra_speed_gpu", f"seq_len={p.lengths(1024, 2048, 3072, 4096)}",
-              *p.extra.get("experiment", ()), *p.extra.get("speed", ()))
-    return [sweep(out, *table2),
-            sweep(out, "attention=local,sliding_window,longformer,bigbird", "attention.kernel=flex,blockwise",
-                  *speed_cells(p), f"seq_len={p.lengths(4096, 16384)}", "causal=false,true")]
+    table2 = (
+        "experiment=lra_speed_gpu",
+        f"seq_len={p.lengths(1024, 2048, 3072, 4096)}",
+        *p.extra.get("experiment", ()),
+        *p.extra.get("speed", ()),
+    )
+    return [
+        sweep(out, *table2),
+        sweep(
+            out,
+            "attention=local,sliding_window,longformer,bigbird",
+            "attention.kernel=flex,blockwise",
+            *speed_cells(p),
+            f"seq_len={p.lengths(4096, 16384)}",
+            "causal=false,true",
+        ),
+    ]
 
 
 def lra(p: Profile, out: Path) -> list[list[str]]:
@@ -170,11 +233,19 @@ def lra(p: Profile, out: Path) -> list[list[str]]:
 
 STEPS = (
     Step("tests", 60, 20, tests, "python -m pytest -m gpu", ran=(0, 1, 5)),  # passed, some failed, none selected
-    Step("harness", 45, 25, harness, "the suite's timing against triton.testing.do_bench (sdpa flash, cudnn; 4K, 16K)",
-         ran=(0, 1)),  # 1: a median beyond the tolerance, which the report shows
+    Step(
+        "harness",
+        45,
+        25,
+        harness,
+        "the suite's timing against triton.testing.do_bench (sdpa flash, cudnn; 4K, 16K)",
+        ran=(0, 1),
+    ),  # 1: a median beyond the tolerance, which the report shows
     Step("kernels", 210, 60, kernels, "every exact kernel, bf16 16 x 128, 4K/16K/64K and causal 16K, fwd and fwd+bwd"),
     Step("maxlen", 90, 40, maxlen, "the longest training step that fits: sdpa, chunked, flex"),
-    Step("decode", 120, 45, decode, "decode against 32K and 128K caches, 8 and 1 KV heads: sdpa, flex, xformers splitk"),
+    Step(
+        "decode", 120, 45, decode, "decode against 32K and 128K caches, 8 and 1 KV heads: sdpa, flex, xformers splitk"
+    ),
     Step("scaling", 900, 120, scaling, "experiment=scaling_gpu: every backend 1K-128K, causal and not, every kernel"),
     Step("linformer", 400, 60, linformer, "Linformer's Table 3 to 64K (k = 128, 256) against full and sdpa"),
     Step("xl_eval", 200, 60, xl_eval, "Transformer-XL's evaluation speed at attention lengths 800 and 3,800"),
@@ -219,8 +290,9 @@ def run_command(command: list[str], log, deadline: float | None, started: float)
     if it was cut."""
     log.write(f"$ {' '.join(command)}\n")
     log.flush()
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     cut = threading.Event()
 
     def watchdog():
@@ -280,8 +352,21 @@ def run_step(step: Step, profile: Profile, out: Path, deadline: float | None, st
 
 def write_report(folder: Path) -> None:
     if any(folder.rglob("result.json")):
-        subprocess.run([sys.executable, "-m", "bench.report", str(folder), "--markdown", str(folder / "report.md"),
-                        "--csv", str(folder / "results.csv")], cwd=REPO, stdout=subprocess.DEVNULL, check=False)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.report",
+                str(folder),
+                "--markdown",
+                str(folder / "report.md"),
+                "--csv",
+                str(folder / "results.csv"),
+            ],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            check=False,
+        )
 
 
 def pack(out: Path) -> Path:
@@ -317,22 +402,34 @@ def main(argv: list[str] | None = None) -> int:
     state = read_state(out)
     state.update(device=device, profile=profile.name)
     steps = plan(args.which, state)
-    print(f"recipe: {', '.join(s.name for s in steps) or 'nothing left'} -> {out}"
-          + (f" (budget {args.budget:.0f} s)" if args.budget else ""), flush=True)
+    print(
+        f"recipe: {', '.join(s.name for s in steps) or 'nothing left'} -> {out}"
+        + (f" (budget {args.budget:.0f} s)" if args.budget else ""),
+        flush=True,
+    )
     for i, step in enumerate(steps):
         deadline = None
         if args.budget is not None:
             left = args.budget - RESERVE_S - (time.time() - started)
             least = step.least_s if profile is GPU else 1.0
             if left < least:
-                print(f"recipe: skip {step.name}: it needs at least {least:.0f} s and {max(left, 0):.0f} s are left "
-                      f"(`recipe.sh next` runs it)", flush=True)
+                print(
+                    f"recipe: skip {step.name}: it needs at least {least:.0f} s and {max(left, 0):.0f} s are left "
+                    f"(`recipe.sh next` runs it)",
+                    flush=True,
+                )
                 if state["steps"].get(step.name, {}).get("status") != "cut":  # a cut step keeps its own words
-                    state["steps"][step.name] = {"status": "skipped", "reason": f"{max(left, 0):.0f} s of the budget left"}
+                    state["steps"][step.name] = {
+                        "status": "skipped",
+                        "reason": f"{max(left, 0):.0f} s of the budget left",
+                    }
                 continue
             deadline = time.time() + max(least, left * step.share_s / sum(s.share_s for s in steps[i:]))
-        print(f"recipe: {step.name}: {step.what}" + (f" (deadline in {deadline - time.time():.0f} s)" if deadline else ""),
-              flush=True)
+        print(
+            f"recipe: {step.name}: {step.what}"
+            + (f" (deadline in {deadline - time.time():.0f} s)" if deadline else ""),
+            flush=True,
+        )
         state["steps"][step.name] = ended = run_step(step, profile, out, deadline, started)
         print(f"recipe: {step.name} {ended['status']} in {ended['seconds']} s", flush=True)
         write_state(out, state)
@@ -344,8 +441,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy(tarball, args.pack_to / tarball.name)
     print(f"recipe: {tarball} ({size / 2**20:.2f} MiB) in {time.time() - started:.0f} s", flush=True)
     if size > TARBALL_LIMIT:
-        print(f"recipe: the tarball is over {TARBALL_LIMIT / 2**20:.0f} MiB: a lent machine would not send it back",
-              file=sys.stderr)
+        print(
+            f"recipe: the tarball is over {TARBALL_LIMIT / 2**20:.0f} MiB: a lent machine would not send it back",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

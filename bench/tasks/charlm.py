@@ -23,7 +23,12 @@ def charlm_data(cfg, device: str) -> StreamData:
     return StreamData(charlm.split_stream(data), cfg.batch_size, cfg.seq_len, device, source)
 
 
-register_task(Task(
-    "charlm", CharLMTaskConfig, vocab_size=lambda task: charlm.VOCAB_SIZE, n_classes=lambda task: None,
-    data=charlm_data,
-))
+register_task(
+    Task(
+        "charlm",
+        CharLMTaskConfig,
+        vocab_size=lambda task: charlm.VOCAB_SIZE,
+        n_classes=lambda task: None,
+        data=charlm_data,
+    )
+)

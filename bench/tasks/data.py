@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from efficient.datasets import recall
 from efficient.models import CausalLM
 from efficient.recurrence import eval_mem_len, evaluate_stream, ordered_columns, segment_loss
-from efficient.datasets import recall
 
 IGNORE = recall.IGNORE  # a label that is not scored (-100)
 
@@ -105,8 +105,11 @@ class ExampleData:
         self.permutation, self.position = state["permutation"], state["position"]
 
     def describe(self) -> dict:
-        return {"n_train": len(self.splits["train"].labels), "n_test": len(self.splits["test"].labels),
-                "majority_class_test_accuracy": majority_accuracy(self.splits)}
+        return {
+            "n_train": len(self.splits["train"].labels),
+            "n_test": len(self.splits["test"].labels),
+            "majority_class_test_accuracy": majority_accuracy(self.splits),
+        }
 
 
 class StreamData:

@@ -52,10 +52,17 @@ def listops_splits(task, seq_len: int, seed: int) -> tuple[dict[str, Split], dic
         examples = {split: listops.load_tsv(folder / name) for split, name in files.items()}
     else:
         sizes = {"train": task.n_train, "val": task.n_val, "test": task.n_test}
-        examples = {split: listops.generate(n, seed=seed * 1000 + i, min_length=task.min_length,
-                                            max_length=task.max_length, max_depth=task.max_depth,
-                                            max_args=task.max_args)
-                    for i, (split, n) in enumerate(sizes.items())}
+        examples = {
+            split: listops.generate(
+                n,
+                seed=seed * 1000 + i,
+                min_length=task.min_length,
+                max_length=task.max_length,
+                max_depth=task.max_depth,
+                max_args=task.max_args,
+            )
+            for i, (split, n) in enumerate(sizes.items())
+        }
     encoded = {split: encode(e, seq_len) for split, e in examples.items()}
     return {split: s for split, (s, _) in encoded.items()}, {split: n for split, (_, n) in encoded.items()}
 
@@ -72,9 +79,21 @@ class ListOpsData(ExampleData):
         return {**super().describe(), **cut}
 
 
-register_task(Task(
-    "listops", ListOpsTaskConfig, vocab_size=lambda task: len(listops.VOCAB),
-    n_classes=lambda task: listops.N_CLASSES, data=ListOpsData,
-    bounds={"n_train": Bound(1), "n_val": Bound(1), "n_test": Bound(1), "min_length": Bound(1),
-            "max_length": Bound(1), "max_depth": Bound(1), "max_args": Bound(2)},
-))
+register_task(
+    Task(
+        "listops",
+        ListOpsTaskConfig,
+        vocab_size=lambda task: len(listops.VOCAB),
+        n_classes=lambda task: listops.N_CLASSES,
+        data=ListOpsData,
+        bounds={
+            "n_train": Bound(1),
+            "n_val": Bound(1),
+            "n_test": Bound(1),
+            "min_length": Bound(1),
+            "max_length": Bound(1),
+            "max_depth": Bound(1),
+            "max_args": Bound(2),
+        },
+    )
+)

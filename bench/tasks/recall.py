@@ -37,9 +37,20 @@ def recall_data(cfg, device: str) -> ExampleData:
     return ExampleData(recall_splits(cfg.task, cfg.seq_len, cfg.seed), cfg.batch_size, device, cfg.seed)
 
 
-register_task(Task(
-    "recall", RecallTaskConfig, vocab_size=lambda task: task.vocab_size, n_classes=lambda task: None,
-    data=recall_data,
-    bounds={"vocab_size": Bound(2), "n_pairs": Bound(1), "n_queries": Bound(1),
-            "n_train": Bound(1), "n_val": Bound(1), "n_test": Bound(1)},
-))
+register_task(
+    Task(
+        "recall",
+        RecallTaskConfig,
+        vocab_size=lambda task: task.vocab_size,
+        n_classes=lambda task: None,
+        data=recall_data,
+        bounds={
+            "vocab_size": Bound(2),
+            "n_pairs": Bound(1),
+            "n_queries": Bound(1),
+            "n_train": Bound(1),
+            "n_val": Bound(1),
+            "n_test": Bound(1),
+        },
+    )
+)

@@ -16,8 +16,12 @@ class SyntheticTaskConfig:
     n_classes: int = 10
 
 
-register_task(Task(
-    "synthetic", SyntheticTaskConfig,
-    vocab_size=lambda task: task.vocab_size, n_classes=lambda task: task.n_classes,
-    bounds={"vocab_size": Bound(2), "n_classes": Bound(2)},
-))
+register_task(
+    Task(
+        "synthetic",
+        SyntheticTaskConfig,
+        vocab_size=lambda task: task.vocab_size,
+        n_classes=lambda task: task.n_classes,
+        bounds={"vocab_size": Bound(2), "n_classes": Bound(2)},
+    )
+)

@@ -23,7 +23,20 @@ from efficient.registry import import_modules
 import_modules(__name__, __path__, skip=("base", "functional"))
 
 __all__ = [
-    "Attention", "Capabilities", "ProjectedAttention", "Setting", "Shape", "Unavailable", "Unsupported",
-    "as_value", "attention_factory", "backend_names", "build_attention", "get_backend", "option_defaults", "options_schema",
-    "register", "training_flops",
+    "Attention",
+    "Capabilities",
+    "ProjectedAttention",
+    "Setting",
+    "Shape",
+    "Unavailable",
+    "Unsupported",
+    "as_value",
+    "attention_factory",
+    "backend_names",
+    "build_attention",
+    "get_backend",
+    "option_defaults",
+    "options_schema",
+    "register",
+    "training_flops",
 ]

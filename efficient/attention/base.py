@@ -205,8 +205,9 @@ class Attention(nn.Module):
         return {name: getattr(self, name) for name in option_defaults(type(self))}
 
     @classmethod
-    def layer_factory(cls, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: int | None = None,
-                      **options) -> Callable[[int], "Attention"]:
+    def layer_factory(
+        cls, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: int | None = None, **options
+    ) -> Callable[[int], "Attention"]:
         """``make(layer_index) -> Attention`` for the layers of one model (a backend whose
         parameters are shared across layers overrides this)."""
         return lambda layer: cls(d_model, n_heads, dropout, n_kv_heads, **options)
@@ -346,20 +347,20 @@ def get_backend(name: str) -> type[Attention]:
     return BACKENDS.get(name)
 
 
-def build_attention(name: str, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: int | None = None,
-                    **options) -> Attention:
+def build_attention(
+    name: str, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: int | None = None, **options
+) -> Attention:
     cls = get_backend(name)
     valid = option_defaults(cls)
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise TypeError(
-            f"{name} has no option(s) {', '.join(unknown)}; valid options: {', '.join(valid) or 'none'}"
-        )
+        raise TypeError(f"{name} has no option(s) {', '.join(unknown)}; valid options: {', '.join(valid) or 'none'}")
     return cls(d_model, n_heads, dropout, n_kv_heads, **options)
 
 
-def attention_factory(name: str, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: int | None = None,
-                      **options) -> Callable[[int], Attention]:
+def attention_factory(
+    name: str, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: int | None = None, **options
+) -> Callable[[int], Attention]:
     """``make(layer_index) -> Attention`` building the layers of one model with backend ``name``."""
     build_attention(name, d_model, n_heads, dropout, n_kv_heads, **options)  # validates the name and options
     return get_backend(name).layer_factory(d_model, n_heads, dropout, n_kv_heads, **options)

@@ -32,9 +32,9 @@ from typing import Optional
 import torch
 
 from efficient.attention.base import as_value, register
-from efficient.bounds import Bound
 from efficient.attention.sliding_window import window_blocks, window_offsets
 from efficient.attention.sparse import SparseAttention, SparseKernel
+from efficient.bounds import Bound
 
 
 @register
@@ -43,16 +43,27 @@ class BigBirdAttention(SparseAttention):
     option_bounds = {"block": Bound(1), "random_blocks": Bound(0)}
     global_decoding = True  # the last block is global, and a decode step's query stands in it
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, *,
-                 block: int = 64, random_blocks: int = 3, seed: int = 0, kernel: SparseKernel = SparseKernel.auto):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dropout: float = 0.0,
+        n_kv_heads: Optional[int] = None,
+        *,
+        block: int = 64,
+        random_blocks: int = 3,
+        seed: int = 0,
+        kernel: SparseKernel = SparseKernel.auto,
+    ):
         super().__init__(d_model, n_heads, dropout, n_kv_heads)
         self.kernel = as_value(kernel)
         self.block, self.random_blocks, self.seed = block, random_blocks, seed
         self.layouts: dict[int, torch.Tensor] = {}  # n_blocks -> [n_blocks, 5 + random_blocks]
 
     @classmethod
-    def layer_factory(cls, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None,
-                      **options):
+    def layer_factory(
+        cls, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, **options
+    ):
         """Layers of one model, each with its own random blocks (layer i: seed + i)."""
         seed = options.pop("seed", 0)
         return lambda layer: cls(d_model, n_heads, dropout, n_kv_heads, seed=seed + layer, **options)
@@ -71,7 +82,11 @@ class BigBirdAttention(SparseAttention):
                 row = window[r].tolist()
                 row += [g if g not in row else -1 for g in sorted({0, n_blocks - 1})]
                 others = torch.tensor([b for b in range(n_blocks) if b not in row], dtype=torch.long)
-                row += others[torch.randperm(len(others), generator=generator)[: self.random_blocks]].sort().values.tolist()
+                row += (
+                    others[torch.randperm(len(others), generator=generator)[: self.random_blocks]]
+                    .sort()
+                    .values.tolist()
+                )
                 rows.append(row + [-1] * (width - len(row)))
             self.layouts[n_blocks] = torch.tensor(rows, dtype=torch.long)
         return self.layouts[n_blocks]

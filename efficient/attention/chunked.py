@@ -43,12 +43,22 @@ import torch
 from einops import rearrange
 
 from efficient.attention.base import ProjectedAttention, Shape, register
-from efficient.bounds import Bound
 from efficient.attention.functional import repeat_kv
+from efficient.bounds import Bound
 
 
-def chunked_attention(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0,
-                      query_chunk=1024, key_chunk=1024, use_checkpoint=True, dropout_seed=None):
+def chunked_attention(
+    q,
+    k,
+    v,
+    key_padding_mask=None,
+    causal=False,
+    dropout_p=0.0,
+    query_chunk=1024,
+    key_chunk=1024,
+    use_checkpoint=True,
+    dropout_seed=None,
+):
     """q [b, h, n, d], k and v [b, h, m, d] -> [b, h, n, d], exactly softmax attention.
 
     ``key_padding_mask`` [b, m] (True = real key). ``use_checkpoint``: the blockwise backward
@@ -67,8 +77,9 @@ def chunked_attention(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.
 class Blocks:
     """The block grid of one call: which blocks exist, their masks and their dropout masks."""
 
-    def __init__(self, b, h, n, m, query_chunk, key_chunk, causal, key_padding_mask, dropout_p, dropout_seed,
-                 dtype, device):
+    def __init__(
+        self, b, h, n, m, query_chunk, key_chunk, causal, key_padding_mask, dropout_p, dropout_seed, dtype, device
+    ):
         self.b, self.h, self.n, self.m = b, h, n, m
         self.c, self.kc = query_chunk, key_chunk
         self.causal = causal
@@ -79,7 +90,8 @@ class Blocks:
         if key_padding_mask is not None:
             real = key_padding_mask.to(device=device, dtype=torch.bool)
             self.padding_bias = torch.zeros(b, 1, 1, m, dtype=dtype, device=device).masked_fill_(
-                ~real[:, None, None, :], -math.inf)
+                ~real[:, None, None, :], -math.inf
+            )
         self._causal_bias: dict[tuple[tuple[int, int], int, bool], torch.Tensor] = {}
         self._scratch: dict[str, torch.Tensor] = {}
 
@@ -113,8 +125,9 @@ class Blocks:
             if (shape, diagonal, key_major) not in self._causal_bias:
                 r = torch.arange(shape[0], device=self.device)[:, None]
                 j = torch.arange(shape[1], device=self.device)[None, :]
-                bias = torch.zeros(shape, dtype=self.dtype, device=self.device).masked_fill_(j > r + diagonal,
-                                                                                             -math.inf)
+                bias = torch.zeros(shape, dtype=self.dtype, device=self.device).masked_fill_(
+                    j > r + diagonal, -math.inf
+                )
                 self._causal_bias[shape, diagonal, key_major] = bias.mT.contiguous() if key_major else bias
             s.add_(self._causal_bias[shape, diagonal, key_major])  # the same for every head
         if self.padding_bias is not None:
@@ -139,8 +152,20 @@ class Blocks:
 def blocks_for(q, k, key_padding_mask, causal, dropout_p, dropout_seed, query_chunk, key_chunk) -> Blocks:
     b, h, n, _ = q.shape
     accumulate = torch.promote_types(q.dtype, torch.float32)  # float32; float64 stays float64
-    return Blocks(b, h, n, k.shape[-2], query_chunk, key_chunk, causal, key_padding_mask, dropout_p, dropout_seed,
-                  accumulate, q.device)
+    return Blocks(
+        b,
+        h,
+        n,
+        k.shape[-2],
+        query_chunk,
+        key_chunk,
+        causal,
+        key_padding_mask,
+        dropout_p,
+        dropout_seed,
+        accumulate,
+        q.device,
+    )
 
 
 def flat(t: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
@@ -235,10 +260,26 @@ class BlockwiseAttention(torch.autograd.Function):
         blocks = blocks_for(q, k, key_padding_mask, *ctx.options)
         scale = 1.0 / math.sqrt(q.shape[-1])
         dq, dk, dv = blockwise_backward(
-            flat(q, blocks.dtype, scale), flat(k, blocks.dtype), flat(v, blocks.dtype), flat(out, blocks.dtype), lse,
-            flat(grad_out, blocks.dtype), blocks, scale)
-        return (dq.view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype),
-                None, None, None, None, None, None)
+            flat(q, blocks.dtype, scale),
+            flat(k, blocks.dtype),
+            flat(v, blocks.dtype),
+            flat(out, blocks.dtype),
+            lse,
+            flat(grad_out, blocks.dtype),
+            blocks,
+            scale,
+        )
+        return (
+            dq.view(q.shape).to(q.dtype),
+            dk.view(k.shape).to(k.dtype),
+            dv.view(v.shape).to(v.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def autograd_attention(q, k, v, key_padding_mask, causal, dropout_p, dropout_seed, query_chunk, key_chunk):
@@ -276,8 +317,17 @@ class ChunkedAttention(ProjectedAttention):
     name = "chunked"
     option_bounds = {"query_chunk": Bound(1), "key_chunk": Bound(1)}
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: int | None = None, *,
-                 query_chunk: int = 1024, key_chunk: int = 1024, checkpoint: bool = True):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dropout: float = 0.0,
+        n_kv_heads: int | None = None,
+        *,
+        query_chunk: int = 1024,
+        key_chunk: int = 1024,
+        checkpoint: bool = True,
+    ):
         super().__init__(d_model, n_heads, dropout, n_kv_heads)
         if query_chunk < 1 or key_chunk < 1:
             raise ValueError(f"chunk lengths must be positive, got query_chunk={query_chunk}, key_chunk={key_chunk}")
@@ -289,16 +339,33 @@ class ChunkedAttention(ProjectedAttention):
             # One query per head (a decode step): the query heads of a group become the rows of one
             # block against their shared keys (with one query, causal hides no key); no copy of the cache.
             grouped = rearrange(q, "b (hk g) 1 d -> b hk g d", hk=k.shape[1])
-            o = chunked_attention(grouped, k, v, key_padding_mask, False, self.dropout_p,
-                                  self.query_chunk, self.key_chunk, self.checkpoint)
+            o = chunked_attention(
+                grouped,
+                k,
+                v,
+                key_padding_mask,
+                False,
+                self.dropout_p,
+                self.query_chunk,
+                self.key_chunk,
+                self.checkpoint,
+            )
             return rearrange(o, "b hk g d -> b (hk g) 1 d")
         k, v = repeat_kv(k, h), repeat_kv(v, h)  # [b, h, m, d]: grouped keys copied out
-        return chunked_attention(q, k, v, key_padding_mask, causal, self.dropout_p,
-                                 self.query_chunk, self.key_chunk, self.checkpoint)
+        return chunked_attention(
+            q, k, v, key_padding_mask, causal, self.dropout_p, self.query_chunk, self.key_chunk, self.checkpoint
+        )
 
     @classmethod
-    def memory_bytes(cls, shape: Shape, training: bool, query_chunk: int = 1024, key_chunk: int = 1024,
-                     checkpoint: bool = True, **options) -> float:
+    def memory_bytes(
+        cls,
+        shape: Shape,
+        training: bool,
+        query_chunk: int = 1024,
+        key_chunk: int = 1024,
+        checkpoint: bool = True,
+        **options,
+    ) -> float:
         # Arithmetic is float32 (float64 for float64 inputs).
         unit = max(shape.bytes_per_element, 4)
         heads = shape.batch * shape.n_heads

@@ -28,9 +28,9 @@ from typing import Optional
 import torch
 from torch.nn.attention.flex_attention import _DEFAULT_SPARSE_BLOCK_SIZE, create_block_mask, flex_attention
 
-from efficient.attention.base import Capabilities, Setting, ProjectedAttention, Shape, Unsupported, register
-from efficient.bounds import Bound
+from efficient.attention.base import Capabilities, ProjectedAttention, Setting, Shape, Unsupported, register
 from efficient.attention.functional import exact_attention, repeat_kv
+from efficient.bounds import Bound
 
 RECOMPILE_LIMIT = 256
 # (vector bits, head widths) whose compiled CPU kernel writes out of bounds (docs/upstream.md):
@@ -51,12 +51,16 @@ def cpu_isa_problem(head_dim: int) -> str | None:
     """Why compiled FlexAttention cannot be trusted on this CPU for heads of ``head_dim``, or None."""
     isa = inductor_cpu_isa()
     if not isa:
-        return ("FlexAttention's compiled CPU kernel needs a vector ISA, and inductor has none here "
-                "(ATEN_CPU_CAPABILITY=default, or a CPU without AVX2): it does not compile")
+        return (
+            "FlexAttention's compiled CPU kernel needs a vector ISA, and inductor has none here "
+            "(ATEN_CPU_CAPABILITY=default, or a CPU without AVX2): it does not compile"
+        )
     if head_dim in MISCOMPILED_HEAD_DIMS.get(isa.bit_width(), ()):
-        return (f"FlexAttention's compiled CPU kernel writes out of bounds with inductor's {isa} code and "
-                f"head_dim={head_dim} (torch {torch.__version__}; docs/upstream.md): query rows 0-7 of a "
-                f"block come out wrong or NaN. Other head widths, or an AVX-512 CPU, are not affected")
+        return (
+            f"FlexAttention's compiled CPU kernel writes out of bounds with inductor's {isa} code and "
+            f"head_dim={head_dim} (torch {torch.__version__}; docs/upstream.md): query rows 0-7 of a "
+            f"block come out wrong or NaN. Other head widths, or an AVX-512 CPU, are not affected"
+        )
     return None
 
 
@@ -126,8 +130,9 @@ def decode_block_mask(cache, device):
     block = (cache.length - 1) // _DEFAULT_SPARSE_BLOCK_SIZE
     if state.get("block") != block:
         state["block"] = block
-        state["mask"] = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx < length, None, None, 1,
-                                          cache.capacity, device=device)
+        state["mask"] = create_block_mask(
+            lambda b, h, q_idx, kv_idx: kv_idx < length, None, None, 1, cache.capacity, device=device
+        )
     return state["mask"]
 
 
@@ -141,8 +146,15 @@ class FlexAttention(ProjectedAttention):
     def unavailable_reason(cls, setting: Setting, **options) -> Optional[str]:
         return cpu_isa_problem(setting.head_dim) if setting.device == "cpu" else None
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, *,
-                 window: Optional[int] = None):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dropout: float = 0.0,
+        n_kv_heads: Optional[int] = None,
+        *,
+        window: Optional[int] = None,
+    ):
         super().__init__(d_model, n_heads, dropout, n_kv_heads)
         self.window = window
 
@@ -163,8 +175,9 @@ class FlexAttention(ProjectedAttention):
             return super().attend_cached(q, k, v, cache, key_padding_mask, causal)
         cache.append(k, v)
         mask = decode_block_mask(cache, q.device)
-        return compiled_flex_attention()(q, cache.keys, cache.values, block_mask=mask,
-                                         enable_gqa=cache.keys.shape[1] != q.shape[1])
+        return compiled_flex_attention()(
+            q, cache.keys, cache.values, block_mask=mask, enable_gqa=cache.keys.shape[1] != q.shape[1]
+        )
 
     def reference_attend(self, q, k, v, key_padding_mask, causal):
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])

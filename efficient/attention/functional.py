@@ -19,7 +19,11 @@ def repeat_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def visible_keys(
-    q_len: int, k_len: int, key_padding_mask: torch.Tensor | None, causal: bool, device,
+    q_len: int,
+    k_len: int,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    device,
     window: int | None = None,
     q_offset: int | None = None,
 ) -> torch.Tensor | None:
@@ -166,8 +170,9 @@ def causal_kernel_attention(q_features, k_features, v, eps: float, chunk: int, e
 
     within = einsum(q, k, "b hk g c t D, b hk c s D -> b hk g c t s")  # phi(q_t) . phi(k_s)
     within = within * torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()  # s <= t
-    numerator = (einsum(within, v, "b hk g c t s, b hk c s d -> b hk g c t d")
-                 + einsum(q, earlier_state, "b hk g c t D, b hk c D d -> b hk g c t d"))
+    numerator = einsum(within, v, "b hk g c t s, b hk c s d -> b hk g c t d") + einsum(
+        q, earlier_state, "b hk g c t D, b hk c D d -> b hk g c t d"
+    )
     denominator = within.sum(dim=-1) + einsum(q, earlier_normaliser, "b hk g c t D, b hk c D -> b hk g c t")
     out = safe_divide(numerator, denominator[..., None] + eps)
     return rearrange(out, "b hk g c t d -> b hk g (c t) d")[..., :n, :]

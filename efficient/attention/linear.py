@@ -28,8 +28,8 @@ from typing import Optional
 import torch
 
 from efficient.attention.base import Capabilities, ProjectedAttention, Shape, register
-from efficient.bounds import Bound
 from efficient.attention.functional import kernel_attention
+from efficient.bounds import Bound
 from efficient.kv_cache import RunningSums
 
 EPS = 1e-6  # fast-transformers' default for LinearAttention and CausalLinearAttention
@@ -46,8 +46,9 @@ class LinearAttention(ProjectedAttention):
     capabilities = Capabilities(exact=False, constant_state=True)
     option_bounds = {"chunk": Bound(1)}
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, *,
-                 chunk: int = 64):
+    def __init__(
+        self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, *, chunk: int = 64
+    ):
         super().__init__(d_model, n_heads, dropout, n_kv_heads)
         self.chunk = chunk  # positions per block of the causal prefix sums
         self.denominator_eps = EPS
@@ -70,8 +71,9 @@ class LinearAttention(ProjectedAttention):
         earlier token and, causally, each other; then their phi(k) [v ; 1]^T join the sums."""
         new_mask = None if key_padding_mask is None else key_padding_mask[:, -k.shape[-2] :]  # [b, t]
         q_features, k_features = self.feature_maps(q, k, new_mask, causal)
-        out = kernel_attention(q_features, k_features, v, new_mask, causal, self.denominator_eps, self.chunk,
-                               earlier=state.sums)
+        out = kernel_attention(
+            q_features, k_features, v, new_mask, causal, self.denominator_eps, self.chunk, earlier=state.sums
+        )
         state.add(k_features, v, new_mask)
         return out
 

@@ -47,9 +47,9 @@ import torch
 from einops import einsum
 from torch import nn
 
-from efficient.attention.base import Capabilities, Setting, ProjectedAttention, Shape, Unsupported, as_value, register
-from efficient.bounds import Bound
+from efficient.attention.base import Capabilities, ProjectedAttention, Setting, Shape, Unsupported, as_value, register
 from efficient.attention.functional import exact_attention
+from efficient.bounds import Bound
 
 
 class Share(enum.Enum):
@@ -73,8 +73,17 @@ class LinformerAttention(ProjectedAttention):
     capabilities = Capabilities(causal=False, needs_max_len=True, exact=False, grouped_query=False, kv_cache=False)
     option_bounds = {"k": Bound(1), "max_len": Bound(1)}
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, *,
-                 k: int = 256, share: Share = Share.headwise, max_len: Optional[int] = None):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dropout: float = 0.0,
+        n_kv_heads: Optional[int] = None,
+        *,
+        k: int = 256,
+        share: Share = Share.headwise,
+        max_len: Optional[int] = None,
+    ):
         super().__init__(d_model, n_heads, dropout, n_kv_heads)
         if max_len is None:
             raise ValueError("linformer needs max_len (the longest sequence) at construction")
@@ -92,15 +101,18 @@ class LinformerAttention(ProjectedAttention):
             return reason
         longest = max_len if max_len is not None else setting.seq_len
         if longest is not None and k > longest:
-            return (f"linformer's k={k} exceeds the {longest} positions it projects from (k <= max_len, "
-                    f"which defaults to seq_len): set attention.k <= {longest} or a longer attention.max_len")
+            return (
+                f"linformer's k={k} exceeds the {longest} positions it projects from (k <= max_len, "
+                f"which defaults to seq_len): set attention.k <= {longest} or a longer attention.max_len"
+            )
         if max_len is not None and setting.seq_len is not None and setting.seq_len > max_len:
             return f"linformer was built for at most max_len={max_len} tokens, not seq_len={setting.seq_len}"
         return None
 
     @classmethod
-    def layer_factory(cls, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None,
-                      **options):
+    def layer_factory(
+        cls, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, **options
+    ):
         """Layers of one model; with share=layerwise every layer holds the same E = F."""
         if as_value(options.get("share", Share.headwise)) != "layerwise":
             return super().layer_factory(d_model, n_heads, dropout, n_kv_heads, **options)

@@ -17,14 +17,13 @@ backend is the contiguous block-local attention that LRA's paper describes.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from efficient.attention.base import as_value, register
-from efficient.bounds import Bound
 from efficient.attention.sparse import SparseAttention, SparseKernel
+from efficient.bounds import Bound
 
 
 @register
@@ -32,8 +31,16 @@ class LocalAttention(SparseAttention):
     name = "local"
     option_bounds = {"block": Bound(1)}
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, *,
-                 block: int = 50, kernel: SparseKernel = SparseKernel.auto):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dropout: float = 0.0,
+        n_kv_heads: Optional[int] = None,
+        *,
+        block: int = 50,
+        kernel: SparseKernel = SparseKernel.auto,
+    ):
         super().__init__(d_model, n_heads, dropout, n_kv_heads)
         self.kernel = as_value(kernel)
         self.block = block

@@ -23,9 +23,9 @@ from typing import Optional
 import torch
 
 from efficient.attention.base import as_value, register
-from efficient.bounds import Bound
 from efficient.attention.sliding_window import window_blocks, window_offsets
 from efficient.attention.sparse import SparseAttention, SparseKernel
+from efficient.bounds import Bound
 
 
 @register
@@ -33,13 +33,25 @@ class LongformerAttention(SparseAttention):
     name = "longformer"
     option_bounds = {"window": Bound(2), "global_tokens": Bound(0), "block": Bound(1)}
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, *,
-                 window: int = 512, global_tokens: int = 1, block: int = 64, kernel: SparseKernel = SparseKernel.auto):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dropout: float = 0.0,
+        n_kv_heads: Optional[int] = None,
+        *,
+        window: int = 512,
+        global_tokens: int = 1,
+        block: int = 64,
+        kernel: SparseKernel = SparseKernel.auto,
+    ):
         super().__init__(d_model, n_heads, dropout, n_kv_heads)
         self.kernel = as_value(kernel)
         if window % 2:
-            raise ValueError(f"longformer's window is the whole span of a query, split evenly on both sides: "
-                             f"it must be even, got {window}")
+            raise ValueError(
+                f"longformer's window is the whole span of a query, split evenly on both sides: "
+                f"it must be even, got {window}"
+            )
         self.window, self.global_tokens, self.block = window, global_tokens, block
 
     def key_blocks(self, n_blocks: int, device) -> torch.Tensor:

@@ -45,8 +45,8 @@ from einops import einsum, rearrange
 from torch import nn
 
 from efficient.attention.base import Capabilities, ProjectedAttention, Shape, Unsupported, as_value, register
-from efficient.bounds import Bound
 from efficient.attention.functional import repeat_kv
+from efficient.bounds import Bound
 
 
 def segment_means(x: torch.Tensor, real: torch.Tensor, landmarks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,17 +91,29 @@ class NystromAttention(ProjectedAttention):
     capabilities = Capabilities(causal=False, cross_attention=False, exact=False, kv_cache=False)
     option_bounds = {"landmarks": Bound(1), "pinv_iterations": Bound(1), "conv_kernel": Bound(0)}
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, *,
-                 landmarks: int = 64, pinv_iterations: int = 6, pinv_init: PinvInit = PinvInit.matrix,
-                 conv_kernel: int = 35):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dropout: float = 0.0,
+        n_kv_heads: Optional[int] = None,
+        *,
+        landmarks: int = 64,
+        pinv_iterations: int = 6,
+        pinv_init: PinvInit = PinvInit.matrix,
+        conv_kernel: int = 35,
+    ):
         super().__init__(d_model, n_heads, dropout, n_kv_heads)
         if conv_kernel and conv_kernel % 2 == 0:
-            raise ValueError(f"nystrom's conv_kernel must be odd (a centred filter keeps the length), got {conv_kernel}")
+            raise ValueError(
+                f"nystrom's conv_kernel must be odd (a centred filter keeps the length), got {conv_kernel}"
+            )
         self.landmarks, self.pinv_iterations, self.conv_kernel = landmarks, pinv_iterations, conv_kernel
         self.pinv_init = as_value(pinv_init)
         if conv_kernel:
-            self.conv = nn.Conv2d(n_heads, n_heads, (conv_kernel, 1), padding=(conv_kernel // 2, 0),
-                                  groups=n_heads, bias=False)
+            self.conv = nn.Conv2d(
+                n_heads, n_heads, (conv_kernel, 1), padding=(conv_kernel // 2, 0), groups=n_heads, bias=False
+            )
 
     def attend(self, q, k, v, key_padding_mask, causal):
         # q [b, h, n, d], k and v [b, hk, n, d] -> [b, h, n, d]
@@ -109,8 +121,11 @@ class NystromAttention(ProjectedAttention):
             raise Unsupported("nystrom cannot be causal: its landmarks average future positions")
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         b, h, n, d = q.shape
-        real = torch.ones(b, n, dtype=torch.bool, device=q.device) if key_padding_mask is None \
+        real = (
+            torch.ones(b, n, dtype=torch.bool, device=q.device)
+            if key_padding_mask is None
             else key_padding_mask.to(torch.bool)
+        )
         pad = -n % self.landmarks  # masked positions at the front: [b, h, n', d], n' = l * ceil(n / l)
         q, k, v = (torch.nn.functional.pad(t, (0, 0, pad, 0)) for t in (q, k, v))
         real = torch.nn.functional.pad(real, (pad, 0), value=False)  # padded tokens: neither keys nor landmarks
@@ -120,19 +135,25 @@ class NystromAttention(ProjectedAttention):
         k_landmarks, k_filled = segment_means(k, real, self.landmarks)
         # Landmarks of padding only, and padded keys, are masked out (lucidrains' masks).
         f = masked_softmax(einsum(q, k_landmarks, "b h n d, b h l d -> b h n l"), k_filled[:, None, None, :])
-        a = masked_softmax(einsum(q_landmarks, k_landmarks, "b h i d, b h j d -> b h i j"),
-                           q_filled[:, None, :, None] & k_filled[:, None, None, :])
+        a = masked_softmax(
+            einsum(q_landmarks, k_landmarks, "b h i d, b h j d -> b h i j"),
+            q_filled[:, None, :, None] & k_filled[:, None, None, :],
+        )
         scores = einsum(q_landmarks, k, "b h l d, b h m d -> b h l m")
-        bv = einsum(masked_softmax(scores, q_filled[:, None, :, None] & real[:, None, None, :]), v,
-                    "b h l m, b h m d -> b h l d")
+        bv = einsum(
+            masked_softmax(scores, q_filled[:, None, :, None] & real[:, None, None, :]),
+            v,
+            "b h l m, b h m d -> b h l d",
+        )
         out = f @ (iterative_pinv(a, self.pinv_iterations, self.pinv_init) @ bv)  # [b, h, n', d]
         if self.conv_kernel:
             out = out + self.conv(v)  # the depthwise convolution of the (masked) values
         return out[..., pad:, :]
 
     @classmethod
-    def flops(cls, shape: Shape, landmarks: int = 64, pinv_iterations: int = 6, conv_kernel: int = 35,
-              **options) -> float:
+    def flops(
+        cls, shape: Shape, landmarks: int = 64, pinv_iterations: int = 6, conv_kernel: int = 35, **options
+    ) -> float:
         """F (n l d), A (l^2 d), B (l m d) and B V (l m d), F (A^+ (B V)) (l^2 d + n l d), the
         inverse (4 [l, l] products per iteration) and the convolution (n d conv_kernel)."""
         b, h, d = shape.batch, shape.n_heads, shape.head_dim
@@ -148,5 +169,12 @@ class NystromAttention(ProjectedAttention):
         """F [n, l] and B [l, m] with their softmax temporaries, in float32; q, k and v padded to a
         multiple of the landmarks, and the convolution of v, [n, d] each."""
         scores = shape.batch * shape.n_heads * landmarks * (shape.q_len + shape.k_len) * 4
-        copies = 4 * shape.batch * shape.n_heads * max(shape.q_len, shape.k_len) * shape.head_dim * max(shape.bytes_per_element, 4)
+        copies = (
+            4
+            * shape.batch
+            * shape.n_heads
+            * max(shape.q_len, shape.k_len)
+            * shape.head_dim
+            * max(shape.bytes_per_element, 4)
+        )
         return scores * (5 if training else 3) + copies + super().memory_bytes(shape, training)

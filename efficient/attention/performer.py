@@ -42,9 +42,9 @@ import torch
 from einops import einsum, rearrange
 
 from efficient.attention.base import Capabilities, ProjectedAttention, Shape, Unsupported, register
-from efficient.bounds import Bound
 from efficient.attention.functional import kernel_attention, safe_divide
 from efficient.attention.linear import kernel_attention_flops, kernel_attention_memory_bytes
+from efficient.bounds import Bound
 from efficient.kv_cache import RunningSums
 
 EPS = 1e-6  # Google's fast_attention (nonnegative_softmax_kernel_feature_creator)
@@ -84,8 +84,18 @@ class PerformerAttention(ProjectedAttention):
     capabilities = Capabilities(exact=False, constant_state=True)
     option_bounds = {"features": Bound(1), "redraw_interval": Bound(0), "chunk": Bound(1)}
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, *,
-                 features: int = 256, seed: int = 0, redraw_interval: int = 0, chunk: int = 64):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dropout: float = 0.0,
+        n_kv_heads: Optional[int] = None,
+        *,
+        features: int = 256,
+        seed: int = 0,
+        redraw_interval: int = 0,
+        chunk: int = 64,
+    ):
         super().__init__(d_model, n_heads, dropout, n_kv_heads)
         self.features, self.seed, self.redraw_interval, self.chunk = features, seed, redraw_interval, chunk
         self.eps, self.denominator_eps = EPS, 0.0  # in the features; none in the normaliser
@@ -94,8 +104,9 @@ class PerformerAttention(ProjectedAttention):
         self.training_calls = 0
 
     @classmethod
-    def layer_factory(cls, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None,
-                      **options):
+    def layer_factory(
+        cls, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, **options
+    ):
         """Layers of one model, each with its own draw of random features (layer i: seed + i)."""
         seed = options.pop("seed", 0)
         return lambda layer: cls(d_model, n_heads, dropout, n_kv_heads, seed=seed + layer, **options)
@@ -107,11 +118,14 @@ class PerformerAttention(ProjectedAttention):
         """phi(q) [b, h, n, m] and phi(k) [b, hk, keys, m], the key stabiliser over every real key
         (the bidirectional features; the causal path rescales its own)."""
         projected, half_square = favor_logits(k, self.projection)  # [b, hk, keys, m], [b, hk, keys, 1]
-        real = torch.ones_like(projected[..., :1], dtype=torch.bool) if key_padding_mask is None \
+        real = (
+            torch.ones_like(projected[..., :1], dtype=torch.bool)
+            if key_padding_mask is None
             else rearrange(key_padding_mask.to(torch.bool), "b m -> b 1 m 1")
+        )
         key_max = projected.detach().masked_fill(~real, -torch.inf).amax(dim=(-2, -1), keepdim=True)
         key_max = torch.nan_to_num(key_max, neginf=0.0)  # every key padded: any constant will do
-        k_features = self.features ** -0.5 * (torch.exp(projected - half_square - key_max) + self.eps)
+        k_features = self.features**-0.5 * (torch.exp(projected - half_square - key_max) + self.eps)
         return query_features(q, self.projection, self.eps), k_features
 
     def attend(self, q, k, v, key_padding_mask, causal):
@@ -134,8 +148,9 @@ class PerformerAttention(ProjectedAttention):
         return state
 
     @classmethod
-    def decoding_state_elements(cls, n_kv_heads: int, head_dim: int, length: int, features: int = 256,
-                                **options) -> int:
+    def decoding_state_elements(
+        cls, n_kv_heads: int, head_dim: int, length: int, features: int = 256, **options
+    ) -> int:
         return n_kv_heads * ((features + 1) * (head_dim + 1) + 1)  # A, B and the key max, whatever the length
 
     def attend_cached(self, q, k, v, state: RunningSums, key_padding_mask, causal):
@@ -149,7 +164,9 @@ class PerformerAttention(ProjectedAttention):
     @classmethod
     def flops(cls, shape: Shape, features: int = 256, chunk: int = 64, **options) -> float:
         # The feature maps W x' for queries and keys (2 x d per feature), then linear attention.
-        maps = 2.0 * shape.batch * features * shape.head_dim * (shape.n_heads * shape.q_len + shape.kv_heads * shape.k_len)
+        maps = (
+            2.0 * shape.batch * features * shape.head_dim * (shape.n_heads * shape.q_len + shape.kv_heads * shape.k_len)
+        )
         return maps + kernel_attention_flops(shape, features, chunk)
 
     @classmethod
@@ -158,12 +175,15 @@ class PerformerAttention(ProjectedAttention):
         exponentials, two more [n + m, D], beside the features while they are made (and the
         exponentials kept for the backward). The profiler measured 1.1-1.8x below this in every
         mode (causal or not, training or not); counting every tensor twice had been 1.3-2.5x."""
-        logits = 2 * shape.batch * shape.n_heads * (shape.q_len + shape.k_len) * features * max(shape.bytes_per_element, 4)
+        logits = (
+            2 * shape.batch * shape.n_heads * (shape.q_len + shape.k_len) * features * max(shape.bytes_per_element, 4)
+        )
         return kernel_attention_memory_bytes(shape, training, features, chunk) + logits
 
 
-def causal_favor(q, k, v, projection, key_padding_mask, eps: float, chunk: int,
-                 state: RunningSums | None = None) -> torch.Tensor:
+def causal_favor(
+    q, k, v, projection, key_padding_mask, eps: float, chunk: int, state: RunningSums | None = None
+) -> torch.Tensor:
     """Causal FAVOR+ where query i's key stabiliser is the running max c_i over the keys it sees.
 
     q [b, h, n, d], k and v [b, hk, m, d] -> [b, h, n, d]. Key s seen from query i >= s has the
@@ -199,18 +219,26 @@ def causal_favor(q, k, v, projection, key_padding_mask, eps: float, chunk: int,
 
     chunk = min(chunk, m)
     pad = -m % chunk
-    grouped = rearrange(torch.nn.functional.pad(q_features, (0, 0, 0, pad)), "b (hk g) (c t) D -> b hk g c t D",
-                        hk=k.shape[1], t=chunk)
-    e, v = (rearrange(torch.nn.functional.pad(t, (0, 0, 0, pad)), "b hk (c t) D -> b hk c t D", t=chunk) for t in (e, v))
-    c = torch.nn.functional.pad(running_max, (0, pad), value=-torch.inf).cummax(dim=-1).values  # the tail keeps the last
+    grouped = rearrange(
+        torch.nn.functional.pad(q_features, (0, 0, 0, pad)), "b (hk g) (c t) D -> b hk g c t D", hk=k.shape[1], t=chunk
+    )
+    e, v = (
+        rearrange(torch.nn.functional.pad(t, (0, 0, 0, pad)), "b hk (c t) D -> b hk c t D", t=chunk) for t in (e, v)
+    )
+    c = (
+        torch.nn.functional.pad(running_max, (0, pad), value=-torch.inf).cummax(dim=-1).values
+    )  # the tail keeps the last
     c = rearrange(c, "b hk (c t) -> b hk c t", t=chunk)
 
     # Within a chunk: weight(t, s) = phi(q_t) . (e_s exp(c_s - c_t) + eps) / sqrt(m) for s <= t.
     decay = torch.exp((c[..., None, :] - c[..., :, None]).clamp(max=0.0))  # [b, hk, c, t, s]
     below = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
     q_sum = grouped.sum(dim=-1, keepdim=True)  # phi(q_t) . 1 [b, hk, g, c, t, 1]
-    weights = ratio * (einsum(grouped, e, "b hk g c t D, b hk c s D -> b hk g c t s") * decay[:, :, None]
-                       + eps * q_sum) * below
+    weights = (
+        ratio
+        * (einsum(grouped, e, "b hk g c t D, b hk c s D -> b hk g c t s") * decay[:, :, None] + eps * q_sum)
+        * below
+    )
     out = einsum(weights, v, "b hk g c t s, b hk c s e -> b hk g c t e")
 
     # Earlier chunks: A = sum_s e_s exp(c_s - C) v_s with C the running max at the chunk's start,
@@ -237,8 +265,10 @@ def causal_favor(q, k, v, projection, key_padding_mask, eps: float, chunk: int,
         state.extras["value_sums"] = state.extras["value_sums"] + v.sum(dim=(2, 3))
         state.length += m
     from_start = torch.exp(chunk_start_max - c).clamp(max=1.0)  # exp(C - c_t) [b, hk, c, t]
-    out = out + ratio * (einsum(grouped, earlier, "b hk g c t D, b hk c D e -> b hk g c t e") * from_start[:, :, None, ..., None]
-                         + eps * q_sum * earlier_values[:, :, None, :, None])
+    out = out + ratio * (
+        einsum(grouped, earlier, "b hk g c t D, b hk c D e -> b hk g c t e") * from_start[:, :, None, ..., None]
+        + eps * q_sum * earlier_values[:, :, None, :, None]
+    )
     out = rearrange(out, "b hk g c t e -> b (hk g) (c t) e")[..., :m, :][..., m - n :, :]
     return safe_divide(out[..., :-1], out[..., -1:])
 

@@ -3,8 +3,9 @@
 Queries and keys are one projection x W_qk; a key is its query length-normalised,
 k = q / (rms(q) sqrt(d)), and the scores are q . k (no further 1 / sqrt(d)). Per hash round, each
 position is hashed by a random rotation R [d, buckets / 2]: its bucket is the argmax of
-[q R ; -q R] (or, for many buckets, a product of such hashes: see ``bucket_factors``). The positions of every round are sorted by (round, bucket, position) into one
-sequence of ``rounds x n`` tickets, cut into chunks of ``chunk``; each ticket attends to the
+[q R ; -q R] (or, for many buckets, a product of such hashes: see ``bucket_factors``). The
+positions of every round are sorted by (round, bucket, position) into one sequence of
+``rounds x n`` tickets, cut into chunks of ``chunk``; each ticket attends to the
 tickets of its own chunk and of the chunk before (the first chunk's "before" is the last, as in
 the reference code). A query sees its own position only when nothing else is visible (score
 -1e5) and padded keys are masked (-1e9). Each round gives an output and a
@@ -78,8 +79,18 @@ class ReformerAttention(ProjectedAttention):
     capabilities = Capabilities(causal=False, cross_attention=False, exact=False, grouped_query=False, kv_cache=False)
     option_bounds = {"chunk": Bound(1), "rounds": Bound(1), "buckets": Bound(2)}
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, *,
-                 chunk: int = 64, rounds: int = 2, buckets: Optional[int] = None, seed: int = 0):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dropout: float = 0.0,
+        n_kv_heads: Optional[int] = None,
+        *,
+        chunk: int = 64,
+        rounds: int = 2,
+        buckets: Optional[int] = None,
+        seed: int = 0,
+    ):
         super().__init__(d_model, n_heads, dropout, n_kv_heads)
         if buckets is not None and buckets % 2:
             raise ValueError(f"reformer's buckets are the argmax over [x R ; -x R]: an even number, got {buckets}")
@@ -91,14 +102,17 @@ class ReformerAttention(ProjectedAttention):
     @classmethod
     def unsupported_reason(cls, setting, **options):
         if setting.causal:
-            return ("reformer is not causal here: its causal mask hides later keys, but which earlier keys share a "
-                    "query's chunk depends on the later tokens' buckets (they take ticket slots in the sorted "
-                    "order), so changing a future token changes past outputs")
+            return (
+                "reformer is not causal here: its causal mask hides later keys, but which earlier keys share a "
+                "query's chunk depends on the later tokens' buckets (they take ticket slots in the sorted "
+                "order), so changing a future token changes past outputs"
+            )
         return super().unsupported_reason(setting, **options)
 
     @classmethod
-    def layer_factory(cls, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None,
-                      **options):
+    def layer_factory(
+        cls, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, **options
+    ):
         """Layers of one model, each with its own rotations (layer i: seed + i)."""
         seed = options.pop("seed", 0)
         return lambda layer: cls(d_model, n_heads, dropout, n_kv_heads, seed=seed + layer, **options)
@@ -138,8 +152,11 @@ class ReformerAttention(ProjectedAttention):
         b, h, n, d = q.shape
         size, rounds = self.chunk, self.rounds
         padded = math.ceil(n / size) * size
-        real = torch.ones(b, n, dtype=torch.bool, device=q.device) if key_padding_mask is None \
+        real = (
+            torch.ones(b, n, dtype=torch.bool, device=q.device)
+            if key_padding_mask is None
             else key_padding_mask.to(torch.bool)
+        )
         q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, padded - n)) for t in (q, k, v))
         real = torch.nn.functional.pad(real, (0, padded - n), value=False)  # [b, N]
         factors = bucket_factors(padded, size, self.buckets)
@@ -176,7 +193,10 @@ class ReformerAttention(ProjectedAttention):
         undo = order.argsort(dim=-1)
         out = rearrange(out, "b h c s d -> b h (c s) d").gather(2, undo[..., None].expand(-1, -1, -1, d))
         lse = rearrange(lse, "b h c s 1 -> b h (c s)").gather(2, undo)
-        out, lse = rearrange(out, "b h (r n) d -> b h r n d", r=rounds), rearrange(lse, "b h (r n) -> b h r n", r=rounds)
+        out, lse = (
+            rearrange(out, "b h (r n) d -> b h r n d", r=rounds),
+            rearrange(lse, "b h (r n) -> b h r n", r=rounds),
+        )
         weights = lse.softmax(dim=2)[..., None].to(out.dtype)
         return (out * weights).sum(dim=2)[:, :, :n]
 
@@ -195,8 +215,9 @@ class ReformerAttention(ProjectedAttention):
         return shape.batch * shape.n_heads * rounds * (4.0 * tickets * 2 * chunk * d + tickets * d * rotation)
 
     @classmethod
-    def memory_bytes(cls, shape: Shape, training: bool, chunk: int = 64, rounds: int = 2,
-                     buckets: Optional[int] = None, **options) -> float:
+    def memory_bytes(
+        cls, shape: Shape, training: bool, chunk: int = 64, rounds: int = 2, buckets: Optional[int] = None, **options
+    ) -> float:
         """Scores and probabilities [rounds N, 2 chunk] in float32 (as ``materialised_memory_bytes``),
         the sorted queries, keys and values with their chunk before and the outputs per round,
         [rounds N, 7 d]; training keeps them for the backward. The hash's rotated queries and
@@ -205,12 +226,19 @@ class ReformerAttention(ProjectedAttention):
         n = shape.q_len
         element = max(shape.bytes_per_element, 4)
         if n <= chunk:
-            return shape.batch * shape.n_heads * n * n * 4 * (5 if training else 3) + super().memory_bytes(shape, training)
+            return shape.batch * shape.n_heads * n * n * 4 * (5 if training else 3) + super().memory_bytes(
+                shape, training
+            )
         factors = bucket_factors(math.ceil(n / chunk) * chunk, chunk, buckets)
         tickets = shape.batch * shape.n_heads * rounds * math.ceil(n / chunk) * chunk
         scores, rows = tickets * 2 * chunk * 4, tickets * shape.head_dim * element * 7
         hashing = tickets * (sum(factors) // 2 + max(factors)) * element
-        return scores * (5 if training else 3) + rows * (2 if training else 1) + hashing + super().memory_bytes(shape, training)
+        return (
+            scores * (5 if training else 3)
+            + rows * (2 if training else 1)
+            + hashing
+            + super().memory_bytes(shape, training)
+        )
 
 
 def shared_qk_attention(q, v, key_padding_mask, causal, dropout_p, query_block: int = 256):

@@ -17,7 +17,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from efficient.attention.base import (
-    Setting, ProjectedAttention, Unsupported, as_value, materialised_memory_bytes, register,
+    ProjectedAttention,
+    Setting,
+    Unsupported,
+    as_value,
+    materialised_memory_bytes,
+    register,
 )
 from efficient.attention.functional import visible_keys
 
@@ -45,8 +50,15 @@ HALF = ("float16", "bfloat16")
 class SDPAttention(ProjectedAttention):
     name = "sdpa"
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: int | None = None, *,
-                 kernel: Kernel = Kernel.auto):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dropout: float = 0.0,
+        n_kv_heads: int | None = None,
+        *,
+        kernel: Kernel = Kernel.auto,
+    ):
         super().__init__(d_model, n_heads, dropout, n_kv_heads)
         self.kernel = as_value(kernel)
 
@@ -73,7 +85,12 @@ class SDPAttention(ProjectedAttention):
             warnings.simplefilter("always")
             try:
                 return F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, dropout_p=self.dropout_p, is_causal=is_causal,
+                    q,
+                    k,
+                    v,
+                    attn_mask=mask,
+                    dropout_p=self.dropout_p,
+                    is_causal=is_causal,
                     enable_gqa=k.shape[1] != q.shape[1],  # grouped-query attention, natively
                 )
             except RuntimeError as e:

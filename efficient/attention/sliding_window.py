@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 
 from efficient.attention.base import as_value, register
-from efficient.bounds import Bound
 from efficient.attention.sparse import SparseAttention, SparseKernel
+from efficient.bounds import Bound
 
 
 def window_offsets(n_blocks: int, reach: int) -> list[int]:
@@ -41,8 +41,17 @@ class SlidingWindowAttention(SparseAttention):
     name = "sliding_window"
     option_bounds = {"window": Bound(1), "block": Bound(1)}
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, *,
-                 window: int = 512, block: int = 64, kernel: SparseKernel = SparseKernel.auto):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dropout: float = 0.0,
+        n_kv_heads: Optional[int] = None,
+        *,
+        window: int = 512,
+        block: int = 64,
+        kernel: SparseKernel = SparseKernel.auto,
+    ):
         super().__init__(d_model, n_heads, dropout, n_kv_heads)
         self.kernel = as_value(kernel)
         self.window, self.block = window, block

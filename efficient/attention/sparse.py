@@ -35,7 +35,7 @@ import torch
 from einops import einsum, rearrange
 
 from efficient.attention import flex
-from efficient.attention.base import Capabilities, Setting, ProjectedAttention, Shape, Unsupported, as_value
+from efficient.attention.base import Capabilities, ProjectedAttention, Setting, Shape, Unsupported, as_value
 from efficient.attention.functional import repeat_kv
 
 
@@ -104,7 +104,9 @@ class SparseAttention(ProjectedAttention):
         globals_here = [p for p in self.global_queries(m) if p >= m - n]
         if globals_here:  # their rows see every key: computed densely, few of them
             rows = torch.tensor(globals_here, device=q.device)
-            dense = masked_attention(self, q[..., rows - (m - n), :], k, v, rows, key_padding_mask, causal, self.dropout_p)
+            dense = masked_attention(
+                self, q[..., rows - (m - n), :], k, v, rows, key_padding_mask, causal, self.dropout_p
+            )
             out = out.index_copy(-2, rows - (m - n), dense.to(out.dtype))
         return out
 
@@ -114,9 +116,11 @@ class SparseAttention(ProjectedAttention):
         explicit = as_value(self.kernel) == "flex"
         if self.dropout_p > 0 or n != m:
             if explicit:
-                raise Unsupported(f"{self.name} kernel=flex runs self-attention without attention dropout only "
-                                  f"(FlexAttention has no dropout; a decode step runs blockwise): use kernel=auto "
-                                  f"or blockwise, or model.dropout=0")
+                raise Unsupported(
+                    f"{self.name} kernel=flex runs self-attention without attention dropout only "
+                    f"(FlexAttention has no dropout; a decode step runs blockwise): use kernel=auto "
+                    f"or blockwise, or model.dropout=0"
+                )
             return False
         return True
 
@@ -128,8 +132,19 @@ class SparseAttention(ProjectedAttention):
         n, m = q.shape[-2], k.shape[-2]
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         positions = torch.arange(m - n, m, device=q.device)
-        rows = [masked_attention(self, q[..., start : start + 256, :], k, v, positions[start : start + 256],
-                                 key_padding_mask, causal, 0.0) for start in range(0, n, 256)]
+        rows = [
+            masked_attention(
+                self,
+                q[..., start : start + 256, :],
+                k,
+                v,
+                positions[start : start + 256],
+                key_padding_mask,
+                causal,
+                0.0,
+            )
+            for start in range(0, n, 256)
+        ]
         return torch.cat(rows, dim=-2)
 
     # -- cost models ---------------------------------------------------------------------------
@@ -176,9 +191,15 @@ class SparseAttention(ProjectedAttention):
         element = max(shape.bytes_per_element, 4)
         scores = shape.batch * shape.n_heads * (rows * (band + other) * block + global_rows * shape.k_len) * 4
         gathered = 2 * shape.batch * shape.kv_heads * rows * other * shape.head_dim * element
-        copies = shape.batch * (2 * shape.n_heads + 2 * shape.kv_heads) * rows * shape.head_dim * element  # q padded and scaled, k and v padded
-        return (scores * (3 if training else 2) + gathered * (2 if training else 1) + copies * (2 if training else 1)
-                + super().memory_bytes(shape, training))
+        copies = (
+            shape.batch * (2 * shape.n_heads + 2 * shape.kv_heads) * rows * shape.head_dim * element
+        )  # q padded and scaled, k and v padded
+        return (
+            scores * (3 if training else 2)
+            + gathered * (2 if training else 1)
+            + copies * (2 if training else 1)
+            + super().memory_bytes(shape, training)
+        )
 
 
 def flex_sparse_attention(attention: SparseAttention, q, k, v, key_padding_mask, causal):
@@ -205,8 +226,9 @@ def flex_sparse_attention(attention: SparseAttention, q, k, v, key_padding_mask,
         tile = 128 if attention.block % 128 == 0 else 64
         if len(masks) > 16:
             masks.clear()
-        masks[key] = flex.create_block_mask(mask_mod, q.shape[0] if key_padding_mask is not None else None, None,
-                                            n, n, device=q.device, BLOCK_SIZE=tile)
+        masks[key] = flex.create_block_mask(
+            mask_mod, q.shape[0] if key_padding_mask is not None else None, None, n, n, device=q.device, BLOCK_SIZE=tile
+        )
     return flex.compiled_flex_attention()(q, k, v, block_mask=masks[key], enable_gqa=k.shape[1] != q.shape[1])
 
 
@@ -246,8 +268,9 @@ def blockwise_attention(attention: SparseAttention, q, k, v, key_padding_mask, c
 
     The band columns (``band_offsets``: block r + offset) are slices of the key blocks, views
     that cost no memory; only the other columns (global, random) are gathered copies. Without
-    dropout the backward recomputes the probabilities (``SparseSoftmaxAttention``), so a training step holds about two score-sized tensors, not the
-    five or six that autograd keeps; with dropout, autograd runs (and keeps its mask).
+    dropout the backward recomputes the probabilities (``SparseSoftmaxAttention``), so a training
+    step holds about two score-sized tensors, not the five or six that autograd keeps; with
+    dropout, autograd runs (and keeps its mask).
 
     Fewer queries than a block (a decode step against a KV cache) gather each query's keys
     instead, [b, hk, n, K block, d]: the step reads and scores O(K block) keys per query, never a
@@ -258,7 +281,7 @@ def blockwise_attention(attention: SparseAttention, q, k, v, key_padding_mask, c
     pad_end = n_blocks * size - m
     layout = attention.key_blocks(n_blocks, q.device)[first:]  # [c, K]
     c, offsets = layout.shape[0], attention.band_offsets(n_blocks)
-    grid = KeyColumns(first, c, offsets, layout[:, len(offsets):].clamp(min=0))
+    grid = KeyColumns(first, c, offsets, layout[:, len(offsets) :].clamp(min=0))
 
     offsets_in_block = torch.arange(size, device=q.device)
     query_positions = (first + torch.arange(c, device=q.device))[:, None] * size + offsets_in_block  # [c, t]
@@ -345,16 +368,16 @@ def column_scores(q, columns: list[torch.Tensor], visible) -> torch.Tensor:
 def column_outputs(probs, columns: list[torch.Tensor]) -> torch.Tensor:
     """probs [b, hk, g, c, t, K t] times each value column [b, hk, c, s, d] -> [b, hk, g, c, t, d]."""
     widths = [column.shape[-2] for column in columns]
-    return sum(einsum(p, value, "b hk g c t s, b hk c s d -> b hk g c t d")
-               for p, value in zip(probs.split(widths, dim=-1), columns))
+    return sum(
+        einsum(p, value, "b hk g c t s, b hk c s d -> b hk g c t d")
+        for p, value in zip(probs.split(widths, dim=-1), columns)
+    )
 
 
 def autograd_sparse_attention(q, k, v, visible, grid: KeyColumns, dropout_p: float):
     """The same attention through autograd (which keeps the probabilities and the dropout mask)."""
     probs = torch.nn.functional.dropout(column_scores(q, grid.of(k), visible).softmax(dim=-1), dropout_p)
     return column_outputs(probs, grid.of(v)) * visible.any(dim=-1, keepdim=True)  # a query that sees no key: 0
-
-
 
 
 class SparseSoftmaxAttention(torch.autograd.Function):
@@ -380,8 +403,10 @@ class SparseSoftmaxAttention(torch.autograd.Function):
         widths = [column.shape[-2] for column in keys]
         grad_out = grad_out * visible.any(dim=-1, keepdim=True)  # rows that see no key pass no gradient
         probs = column_scores(q, keys, visible).softmax(dim=-1)
-        grad_v = grid.add_into(torch.zeros_like(v), [
-            einsum(p, grad_out, "b hk g c t s, b hk g c t d -> b hk c s d") for p in probs.split(widths, dim=-1)])
+        grad_v = grid.add_into(
+            torch.zeros_like(v),
+            [einsum(p, grad_out, "b hk g c t s, b hk g c t d -> b hk c s d") for p in probs.split(widths, dim=-1)],
+        )
         grad_scores = torch.empty_like(probs)  # dP = dO V^T, then dS = P * (dP - D) in place
         for value, piece in zip(values, grad_scores.split(widths, dim=-1)):
             piece.copy_(einsum(grad_out, value, "b hk g c t d, b hk c s d -> b hk g c t s"))
@@ -389,6 +414,7 @@ class SparseSoftmaxAttention(torch.autograd.Function):
         del probs
         pieces = grad_scores.split(widths, dim=-1)
         grad_q = sum(einsum(ds, key, "b hk g c t s, b hk c s d -> b hk g c t d") for ds, key in zip(pieces, keys))
-        grad_k = grid.add_into(torch.zeros_like(k), [
-            einsum(ds, q, "b hk g c t s, b hk g c t d -> b hk c s d") for ds in pieces])
+        grad_k = grid.add_into(
+            torch.zeros_like(k), [einsum(ds, q, "b hk g c t s, b hk g c t d -> b hk c s d") for ds in pieces]
+        )
         return grad_q, grad_k, grad_v, None, None

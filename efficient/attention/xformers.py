@@ -20,7 +20,7 @@ import functools
 import torch
 from einops import rearrange
 
-from efficient.attention.base import Capabilities, Setting, ProjectedAttention, Unsupported, as_value, register
+from efficient.attention.base import Capabilities, ProjectedAttention, Setting, Unsupported, as_value, register
 from efficient.attention.functional import repeat_kv
 
 
@@ -84,8 +84,9 @@ class XFormersAttention(ProjectedAttention):
     name = "xformers"
     capabilities = Capabilities(devices=("cuda",), dtypes=("float32", "float16", "bfloat16"))
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: int | None = None, *,
-                 op: Op = Op.auto):
+    def __init__(
+        self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: int | None = None, *, op: Op = Op.auto
+    ):
         super().__init__(d_model, n_heads, dropout, n_kv_heads)
         self.op = as_value(op)
 
@@ -98,7 +99,9 @@ class XFormersAttention(ProjectedAttention):
         from xformers.ops.fmha import attn_bias
 
         if self.op in FORWARD_ONLY and torch.is_grad_enabled() and q.requires_grad:
-            raise Unsupported(f"xformers op={self.op} is a forward-only decoding operator: run it under torch.no_grad()")
+            raise Unsupported(
+                f"xformers op={self.op} is a forward-only decoding operator: run it under torch.no_grad()"
+            )
 
         b, h, n, _ = q.shape
         m = k.shape[-2]

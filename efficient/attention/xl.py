@@ -74,13 +74,24 @@ def relative_index(n: int, klen: int, device) -> torch.Tensor:
 class XLAttention(Attention):
     name = "xl"
     # Its memory is its cache (the paper's evaluation mode): it decodes with state=memory, not a KVCache.
-    capabilities = Capabilities(cross_attention=False, stateful=True, exact=False, relative_positions=True,
-                                grouped_query=False, kv_cache=False)
+    capabilities = Capabilities(
+        cross_attention=False, stateful=True, exact=False, relative_positions=True, grouped_query=False, kv_cache=False
+    )
     option_bounds = {"mem_len": Bound(0), "clamp_len": Bound(-1), "eval_mem_len": Bound(0)}
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, *,
-                 mem_len: int = 0, clamp_len: int = -1, same_length: bool = False, untie_r: bool = False,
-                 eval_mem_len: Optional[int] = None):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dropout: float = 0.0,
+        n_kv_heads: Optional[int] = None,
+        *,
+        mem_len: int = 0,
+        clamp_len: int = -1,
+        same_length: bool = False,
+        untie_r: bool = False,
+        eval_mem_len: Optional[int] = None,
+    ):
         super().__init__(d_model, n_heads, dropout, n_kv_heads)
         for name, length in (("mem_len", mem_len), ("eval_mem_len", eval_mem_len)):
             if length is not None and length < 0:
@@ -100,8 +111,9 @@ class XLAttention(Attention):
         nn.init.normal_(self.v, std=0.02)
 
     @classmethod
-    def layer_factory(cls, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None,
-                      **options):
+    def layer_factory(
+        cls, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: Optional[int] = None, **options
+    ):
         """Layers of one model share u and v (the paper's default) unless untie_r."""
         if options.get("untie_r", False):
             return super().layer_factory(d_model, n_heads, dropout, n_kv_heads, **options)

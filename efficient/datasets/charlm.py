@@ -24,8 +24,10 @@ import torch
 
 VOCAB_SIZE = 256
 SPLIT_PERCENT = (90, 5, 5)  # enwik8: 90M / 5M / 5M bytes
-ENWIK8_HINT = ("a raw byte file such as enwik8 (10^8 bytes; the file itself or enwik8.zip from "
-               "http://mattmahoney.net/dc/enwik8.zip)")
+ENWIK8_HINT = (
+    "a raw byte file such as enwik8 (10^8 bytes; the file itself or enwik8.zip from "
+    "http://mattmahoney.net/dc/enwik8.zip)"
+)
 
 
 def load_bytes(path: str | Path) -> bytes:
@@ -37,8 +39,10 @@ def load_bytes(path: str | Path) -> bytes:
         with zipfile.ZipFile(path) as archive:
             members = [m for m in archive.infolist() if not m.is_dir()]
             if len(members) != 1:
-                raise ValueError(f"{path}: expected a zip with one file ({ENWIK8_HINT}), "
-                                 f"found {len(members)}: {', '.join(m.filename for m in members[:5])}")
+                raise ValueError(
+                    f"{path}: expected a zip with one file ({ENWIK8_HINT}), "
+                    f"found {len(members)}: {', '.join(m.filename for m in members[:5])}"
+                )
             data = archive.read(members[0])
     else:
         data = path.read_bytes()

@@ -91,7 +91,7 @@ def value_of(tree) -> int:
 def to_tokens(tree) -> list[str]:
     """LRA's file rendering of a tree built as ((((OP, a), b), c), ']'), each pair in parentheses:
 
-        [MAX 2 9 ]  ->  ( ( ( [MAX 2 ) 9 ) ] )
+    [MAX 2 9 ]  ->  ( ( ( [MAX 2 ) 9 ) ] )
     """
     if isinstance(tree, int):
         return [str(tree)]
@@ -144,8 +144,9 @@ class Example:
     label: int
 
 
-def generate(n: int, seed: int, min_length: int = 500, max_length: int = 2000, max_depth: int = 10,
-             max_args: int = 10) -> list[Example]:
+def generate(
+    n: int, seed: int, min_length: int = 500, max_length: int = 2000, max_depth: int = 10, max_args: int = 10
+) -> list[Example]:
     """``n`` expressions with ``min_length < L < max_length`` (LRA's window), reproducible from ``seed``."""
     if max_length - min_length < 2:
         raise ValueError(f"no length L satisfies {min_length} < L < {max_length}")
@@ -170,8 +171,10 @@ def load_tsv(path: Path | str) -> list[Example]:
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"ListOps file {path} not found: expected LRA's TSV (header 'Source\\tTarget', "
-                                f"then '<expression>\\t<digit>' per line), e.g. lra_release/listops-1000/basic_train.tsv")
+        raise FileNotFoundError(
+            f"ListOps file {path} not found: expected LRA's TSV (header 'Source\\tTarget', "
+            f"then '<expression>\\t<digit>' per line), e.g. lra_release/listops-1000/basic_train.tsv"
+        )
     examples = []
     blank = None  # the first blank line seen, an error only if an example follows it
     with open(path, newline="") as f:

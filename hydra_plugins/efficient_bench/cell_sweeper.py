@@ -49,9 +49,11 @@ class ClearFailures:
             if refusals:
                 raise LaunchFailed(f"the cluster refused the jobs: {refusals[-1]} (nothing was run)") from None
             first = (str(e).splitlines() or [type(e).__name__])[0]
-            raise LaunchFailed(f"a job ended without a result ({first}); the sweep's other jobs go on on the "
-                               f"cluster. Run the same command with resume=true once they are done: it runs "
-                               f"only the cells without a record") from None
+            raise LaunchFailed(
+                f"a job ended without a result ({first}); the sweep's other jobs go on on the "
+                f"cluster. Run the same command with resume=true once they are done: it runs "
+                f"only the cells without a record"
+            ) from None
 
 
 class CellSweeper(BasicSweeper):
@@ -78,8 +80,10 @@ class CellSweeper(BasicSweeper):
             return batches
         recorded = recorded_cells(root)
         left = [job for job in jobs if sweep_job_hash(self.job_config(job)) not in recorded]
-        print(f"resume: skipped {len(jobs) - len(left)} cell(s) already recorded in {root}; "
-              f"launching {len(left)} of {len(jobs)}")
+        print(
+            f"resume: skipped {len(jobs) - len(left)} cell(s) already recorded in {root}; "
+            f"launching {len(left)} of {len(jobs)}"
+        )
         size = max_batch_size or max(1, len(left))
         return [left[i : i + size] for i in range(0, len(left), size)]
 
@@ -87,8 +91,11 @@ class CellSweeper(BasicSweeper):
         batch = super().get_job_batch()
         params = getattr(self.launcher, "params", None)
         if getattr(self, "memory_from_cells", None) is None:  # decided at the first batch
-            self.memory_from_cells = (type(self.launcher.launcher).__name__ == "SlurmLauncher" and isinstance(params, dict)
-                                      and params.get("mem_gb", 0) is None)
+            self.memory_from_cells = (
+                type(self.launcher.launcher).__name__ == "SlurmLauncher"
+                and isinstance(params, dict)
+                and params.get("mem_gb", 0) is None
+            )
         if self.memory_from_cells:
             from bench.cell import job_memory_gb
 
