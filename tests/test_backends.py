@@ -12,7 +12,6 @@ from conftest import ROOT, compose, skip_unless_available
 from torch.utils.flop_counter import FlopCounterMode
 
 from efficient.attention import (
-    Capabilities,
     ProjectedAttention,
     Setting,
     Shape,
@@ -32,10 +31,16 @@ def test_every_backend_has_a_yaml_and_composes(backend_name):
     assert cfg.attention.name == backend_name
 
 
-def test_capabilities_are_data(backend_name):
+def test_capabilities_are_consistent(backend_name):
+    """What sweeps and tests read off the capabilities never contradicts itself: a backward only
+    where the forward runs, a tolerance for every dtype, a sparse mask exact under it, a
+    fixed-size decoding state only for a backend that decodes."""
     caps = get_backend(backend_name).capabilities
-    assert isinstance(caps, Capabilities)
-    assert set(caps.devices) <= {"cpu", "cuda"} and caps.devices
+    assert caps.devices and set(caps.devices) <= {"cpu", "cuda"}
+    assert set(caps.backward_devices) <= set(caps.devices)
+    assert set(caps.dtypes) <= set(caps.tolerance)
+    assert not caps.sparse_mask or caps.exact
+    assert not caps.constant_state or caps.kv_cache
 
 
 def test_impossible_cells_have_reasons(backend_name):

@@ -117,9 +117,14 @@ def test_gradients_reach_inputs_and_parameters():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in attn.parameters())
 
 
-def test_reference_mode_equals_full():
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_mode_runs_in_query_blocks_and_equals_full(causal):
+    """The reference (every backend's oracle) computes 256 query rows at a time so that long
+    inputs fit: over 600 tokens (two whole blocks and a ragged one), padded, it equals full's
+    unblocked scores."""
     attn = layer()
-    x = torch.randn(2, 9, 24, dtype=torch.float64)
-    y, _ = attn(x, causal=True)
+    x = torch.randn(2, 600, 24, dtype=torch.float64)
+    padding = torch.arange(600) < torch.tensor([[600], [431]])  # [2, 600]; the second padded after 431
+    y, _ = attn(x, key_padding_mask=padding, causal=causal)
     attn.reference_mode = True
-    assert torch.allclose(attn(x, causal=True)[0], y, atol=1e-12)
+    torch.testing.assert_close(attn(x, key_padding_mask=padding, causal=causal)[0], y, rtol=0, atol=1e-12)

@@ -63,6 +63,7 @@ GPU = Profile(
     ("device=cuda", "dtype=bfloat16", "model=gpu_d128"),
     lambda n: n,
     {
+        "speed": ("bench.min_time_s=0.25",),  # each measurement: hundreds of runs of a few ms, within the budget
         "linformer": ("attention.k=128,256",),
         "decode": ("model.n_kv_heads=8,1",),
         "xl_eval": ("device=cuda", "seq_len=800,3800"),
@@ -82,11 +83,18 @@ REHEARSAL = Profile(
     TINY,
     lambda n: min(max(n // 64, 16), 512),
     {
-        "speed": ("bench.warmup=1", "bench.repeats=2"),
+        "speed": ("bench.warmup=1", "bench.repeats=2", "bench.min_time_s=0"),
         "experiment": TINY,  # over an experiment's own device, dtype and model
         "maxlen": ("bench.memory_budget_gib=0.05", "bench.limit=4096"),
         "linformer": ("attention.k=8,16",),
-        "decode": (*TINY, "model.n_kv_heads=2,1", "bench.prefill_chunk=128", "bench.decode_tokens=4", "bench.warmup=1"),
+        "decode": (
+            *TINY,
+            "model.n_kv_heads=2,1",
+            "bench.prefill_chunk=128",
+            "bench.decode_tokens=4",
+            "bench.warmup=1",
+            "bench.min_time_s=0",
+        ),
         "xl_eval": (
             "device=cpu",
             "seq_len=48,96",
@@ -95,6 +103,7 @@ REHEARSAL = Profile(
             "model.d_ff=128",
             "bench.tgt_len=16",
             "bench.repeats=1",
+            "bench.min_time_s=0",
         ),
         "lra": (
             "device=cpu",

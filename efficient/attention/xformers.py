@@ -82,7 +82,9 @@ def xformers_problem(device: str, dtype: str, op: str) -> str | None:
 @register
 class XFormersAttention(ProjectedAttention):
     name = "xformers"
-    capabilities = Capabilities(devices=("cuda",), dtypes=("float32", "float16", "bfloat16"))
+    capabilities = Capabilities(
+        devices=("cuda",), backward_devices=("cuda",), dtypes=("float32", "float16", "bfloat16")
+    )
 
     def __init__(
         self, d_model: int, n_heads: int, dropout: float = 0.0, n_kv_heads: int | None = None, *, op: Op = Op.auto
