@@ -1,16 +1,19 @@
-"""The cell: what a config builds and measures, shared by every bench.
+"""The cell: what a job measures, shared by every bench.
 
-A cell is one backend with its options, one length, batch, model size, dtype and device. This
-module turns a composed config into what is built for it (the attention factory, the model,
-the measured subject of ``bench=speed`` and ``bench=maxlen``) and into what is predicted for it
-before anything is built (the attention shape, the memory model, the FLOP count).
+A cell is one backend with its options, one length, batch, model size, dtype and device. The
+harness builds it once from the composed config (``Cell.of``, frozen) and hands it to the bench;
+this module turns it into what is built for it (the attention factory, the model, the measured
+subject of ``bench=speed`` and ``bench=maxlen``) and into what is predicted for it before
+anything is built (the attention shape, the memory model, the FLOP count).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 import torch
 from omegaconf import OmegaConf
@@ -20,6 +23,7 @@ from bench import measure, records
 from bench.tasks import get_task
 from efficient.attention import (
     Attention,
+    Setting,
     Shape,
     Unsupported,
     as_value,
@@ -73,58 +77,159 @@ def model_size(model) -> ModelSize:
     )
 
 
-def attention_options(cfg) -> dict:
-    """The backend's options as the config sets them (enums as their plain values)."""
-    return {k: as_value(v) for k, v in cfg.attention.items() if k != "name"}
+def settings(node, schema: type) -> Any:
+    """A bench's or task's config node as an instance of its schema dataclass (a record's plain
+    config too: merged onto the schema, so it is typed and checked the same way)."""
+    if not OmegaConf.is_config(node):
+        node = OmegaConf.create(node)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
 
 
-def option_words(cfg) -> str:
-    """ " with kernel=flex": the options the config sets away from the backend's defaults ("" if none)."""
-    defaults = option_defaults(get_backend(cfg.attention.name))
-    changed = [f"{k}={v}" for k, v in attention_options(cfg).items() if k in defaults and as_value(defaults[k]) != v]
-    return f" with {', '.join(changed)}" if changed else ""
+@dataclass(frozen=True)
+class Cell:
+    """One job's cell, built once from its composed config (``Cell.of``) and handed to its bench:
+    the backend and its options, the bench's and the task's settings (instances of their
+    schemas), the model's size, the length, batch, dtype, the device it runs on, and the seed.
+    Everything a bench builds or predicts comes from here, never from the raw config."""
+
+    attention: str
+    options: Mapping[str, Any]  # every option of the backend, resolved (enums as plain values)
+    bench: Any  # the bench's settings, e.g. SpeedBenchConfig(scope=Scope.attention, repeats=10, ...)
+    task: Any  # the task's settings, e.g. SyntheticTaskConfig(vocab_size=...)
+    model: ModelSize
+    seq_len: int
+    batch_size: int
+    dtype: str  # "float32", ...
+    device: str  # "cpu" | "cuda": ``device=auto`` resolved
+    causal: bool
+    seed: int
+
+    @classmethod
+    def of(cls, cfg, device: str | None = None) -> Cell:
+        """The cell of a composed config (or a record's ``config``) on ``device`` (default: the
+        config's own, ``auto`` resolved)."""
+        from bench.benches import get_bench  # the benches import this module
+
+        return cls(
+            attention=cfg.attention.name,
+            options=MappingProxyType({k: as_value(v) for k, v in cfg.attention.items() if k != "name"}),
+            bench=settings(cfg.bench, get_bench(cfg.bench.name).schema),
+            task=settings(cfg.task, get_task(cfg.task.name).schema),
+            model=model_size(cfg.model),
+            seq_len=cfg.seq_len,
+            batch_size=cfg.batch_size,
+            dtype=as_value(cfg.dtype),
+            device=device or resolved_device(cfg),
+            causal=cfg.causal,
+            seed=cfg.seed,
+        )
+
+    def at(self, **changes: Any) -> Cell:
+        """This cell with other values, e.g. ``cell.at(seq_len=8192)``."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def backend(self) -> type[Attention]:
+        return get_backend(self.attention)
+
+    @property
+    def head_dim(self) -> int:
+        return self.model.d_model // self.model.n_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        """The model's key/value heads (``model.n_kv_heads``, default ``n_heads``)."""
+        return self.model.n_kv_heads or self.model.n_heads
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def element_size(self) -> int:
+        return torch.tensor([], dtype=self.torch_dtype).element_size()
+
+    @property
+    def scope(self) -> str | None:
+        """``attention`` or ``model`` for a bench that measures a step (speed, maxlen), else None."""
+        return as_value(getattr(self.bench, "scope", None))
+
+    def setting(self, **changes: Any) -> Setting:
+        """What the support check needs to know of this cell (``changes``: e.g. ``kv_cache=True``)."""
+        return Setting(
+            device=self.device,
+            dtype=self.dtype,
+            causal=self.causal,
+            key_padding_mask=getattr(self.bench, "pad_fraction", 0) > 0,
+            head_dim=self.head_dim,
+            seq_len=self.seq_len,
+            grouped_query=self.n_kv_heads != self.model.n_heads,
+            **changes,
+        )
+
+    def option_words(self) -> str:
+        """ " with kernel=flex": the options set away from the backend's defaults ("" if none)."""
+        defaults = option_defaults(self.backend)
+        changed = [f"{k}={v}" for k, v in self.options.items() if k in defaults and as_value(defaults[k]) != v]
+        return f" with {', '.join(changed)}" if changed else ""
+
+    def vocab_size(self) -> int:
+        return get_task(self.task.name).vocab_size(self.task)
+
+    def head_width(self) -> int:
+        """The model's output width: the vocabulary (causal LM) or the classes."""
+        return self.vocab_size() if self.causal else get_task(self.task.name).n_classes(self.task)
+
+    def shape(self) -> Shape:
+        """The attention's sizes, for its FLOP count and memory model."""
+        memory = self.options.get("mem_len", 0) or 0  # Transformer-XL keys: [memory ; segment]
+        return Shape(
+            batch=self.batch_size,
+            n_heads=self.model.n_heads,
+            head_dim=self.head_dim,
+            q_len=self.seq_len,
+            k_len=self.seq_len + memory,
+            causal=self.causal,
+            bytes_per_element=self.element_size,
+            device=self.device,
+            n_kv_heads=self.model.n_kv_heads,
+        )
 
 
-def make_attention(cfg, **overrides) -> Callable[[int], Attention]:
-    """layer index -> the config's attention layer (``overrides`` replace its options).
+def make_attention(cell: Cell, **overrides) -> Callable[[int], Attention]:
+    """layer index -> the cell's attention layer (``overrides`` replace its options).
 
     A backend built for a length (Linformer's ``max_len``) is built for the cell's ``seq_len``
     unless the config sets one: the one place where that happens.
     """
-    size = model_size(cfg.model)
-    options = {**attention_options(cfg), **overrides}
-    if get_backend(cfg.attention.name).capabilities.needs_max_len and options.get("max_len") is None:
-        options["max_len"] = cfg.seq_len
-    return attention_factory(cfg.attention.name, size.d_model, size.n_heads, size.dropout, size.n_kv_heads, **options)
+    size = cell.model
+    options = {**cell.options, **overrides}
+    if cell.backend.capabilities.needs_max_len and options.get("max_len") is None:
+        options["max_len"] = cell.seq_len
+    return attention_factory(cell.attention, size.d_model, size.n_heads, size.dropout, size.n_kv_heads, **options)
 
 
-def language_model(cfg, make: Callable[[int], Attention] | None = None, max_len: int | None = None) -> CausalLM:
+def language_model(cell: Cell, make: Callable[[int], Attention] | None = None, max_len: int | None = None) -> CausalLM:
     """A causal LM over the task's vocabulary, ``max_len`` positions (default ``seq_len``), with the
-    config's attention (or ``make``'s)."""
-    vocab_size = get_task(cfg.task.name).vocab_size(cfg.task)
-    return CausalLM(vocab_size, max_len or cfg.seq_len, model_size(cfg.model), make or make_attention(cfg))
+    cell's attention (or ``make``'s)."""
+    return CausalLM(cell.vocab_size(), max_len or cell.seq_len, cell.model, make or make_attention(cell))
 
 
-def build_model(cfg, make: Callable[[int], Attention] | None = None) -> CausalLM | EncoderClassifier:
-    """The config's model: a causal LM when ``causal``, else an encoder classifier over the task's classes."""
-    if cfg.causal:
-        return language_model(cfg, make)
-    task = get_task(cfg.task.name)
+def build_model(cell: Cell, make: Callable[[int], Attention] | None = None) -> CausalLM | EncoderClassifier:
+    """The cell's model: a causal LM when ``causal``, else an encoder classifier over the task's classes."""
+    if cell.causal:
+        return language_model(cell, make)
     return EncoderClassifier(
-        task.vocab_size(cfg.task),
-        task.n_classes(cfg.task),
-        cfg.seq_len,
-        model_size(cfg.model),
-        make or make_attention(cfg),
+        cell.vocab_size(), cell.head_width(), cell.seq_len, cell.model, make or make_attention(cell)
     )
 
 
 def resolved_device(cfg) -> str:
     """The device the job runs on (``auto`` resolved), or the one it asked for if it is missing."""
     try:
-        return measure.resolve_device(cfg.device.value)
+        return measure.resolve_device(as_value(cfg.device))
     except Unsupported:
-        return cfg.device.value
+        return as_value(cfg.device)
 
 
 def cell_hash(cfg) -> str:
@@ -132,62 +237,33 @@ def cell_hash(cfg) -> str:
     return records.config_hash(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), resolved_device(cfg))
 
 
-def kv_heads(cfg) -> int:
-    """The model's key/value heads (``model.n_kv_heads``, default ``n_heads``)."""
-    return cfg.model.get("n_kv_heads") or cfg.model.n_heads
-
-
-def head_width(cfg) -> int:
-    """The model's output width: the vocabulary (causal LM) or the classes."""
-    task = get_task(cfg.task.name)
-    return task.vocab_size(cfg.task) if cfg.causal else task.n_classes(cfg.task)
-
-
-def cell_shape(cfg, device: str) -> Shape:
-    dtype = getattr(torch, as_value(cfg.dtype))
-    memory = cfg.attention.get("mem_len", 0) or 0  # Transformer-XL keys: [memory ; segment]
-    return Shape(
-        batch=cfg.batch_size,
-        n_heads=cfg.model.n_heads,
-        head_dim=cfg.model.d_model // cfg.model.n_heads,
-        q_len=cfg.seq_len,
-        k_len=cfg.seq_len + memory,
-        causal=cfg.causal,
-        bytes_per_element=torch.tensor([], dtype=dtype).element_size(),
-        device=device,
-        n_kv_heads=cfg.model.get("n_kv_heads"),
-    )
-
-
-def layer_flops(cfg, shape: Shape) -> tuple[float, float]:
+def layer_flops(cell: Cell, shape: Shape) -> tuple[float, float]:
     """(forward, forward+backward) FLOPs of the measured step.
 
     Attention core: the backend's own count (FlashAttention's convention for exact kernels),
     backward 2.5x. Linear layers: 2 * tokens * fan_in * fan_out forward, backward 2x.
     """
-    backend = get_backend(cfg.attention.name)
-    core = backend.flops(shape, **attention_options(cfg))
+    core = cell.backend.flops(shape, **cell.options)
     tokens, d = shape.batch * shape.q_len, shape.d_model
     key_tokens = shape.batch * shape.k_len  # the queries' tokens plus a memory's (Transformer-XL)
     kv_width = d * shape.kv_heads // shape.n_heads  # grouped-query attention: fewer key/value heads
     linear = 2 * d * d * 2 * tokens + 2 * d * kv_width * 2 * key_tokens  # q and output; k and v over every key
-    if as_value(cfg.bench.scope) == "model":
-        linear += 2 * tokens * d * cfg.model.d_ff * 2  # the FFN
-        core, linear = core * cfg.model.n_layers, linear * cfg.model.n_layers
-        linear += 2 * tokens * d * head_width(cfg)
+    if cell.scope == "model":
+        linear += 2 * tokens * d * cell.model.d_ff * 2  # the FFN
+        core, linear = core * cell.model.n_layers, linear * cell.model.n_layers
+        linear += 2 * tokens * d * cell.head_width()
     return core + linear, training_flops(core) + 3 * linear
 
 
-def predicted_bytes(cfg, shape: Shape, training: bool) -> float:
+def predicted_bytes(cell: Cell, shape: Shape, training: bool) -> float:
     """The memory model: the backend's core plus the layer's (or model's) linear activations."""
-    backend = get_backend(cfg.attention.name)
-    core = backend.memory_bytes(shape, training, **attention_options(cfg))
+    core = cell.backend.memory_bytes(shape, training, **cell.options)
     activation = shape.batch * shape.q_len * shape.d_model * shape.bytes_per_element
-    if as_value(cfg.bench.scope) == "attention":
+    if cell.scope == "attention":
         return core + activation * (16 if training else 8)
-    per_layer = activation * (8 + 2 * cfg.model.d_ff // cfg.model.d_model)
-    layers = cfg.model.n_layers if training else 1  # training keeps every layer's activations
-    logits = shape.batch * shape.q_len * head_width(cfg) * 4 * (3 if training else 1)
+    per_layer = activation * (8 + 2 * cell.model.d_ff // cell.model.d_model)
+    layers = cell.model.n_layers if training else 1  # training keeps every layer's activations
+    logits = shape.batch * shape.q_len * cell.head_width() * 4 * (3 if training else 1)
     return (core + per_layer * (2 if training else 1)) * layers + logits
 
 
@@ -200,34 +276,35 @@ class Subject:
     loss: Callable[[torch.Tensor], torch.Tensor]  # output -> scalar
 
 
-def build_subject(cfg, device: str, dtype: torch.dtype) -> Subject:
+def build_subject(cell: Cell) -> Subject:
     """The step ``bench.scope`` names (one attention layer, or the whole model) on random inputs."""
-    b, n, d = cfg.batch_size, cfg.seq_len, cfg.model.d_model
+    b, n, d = cell.batch_size, cell.seq_len, cell.model.d_model
+    device, dtype = cell.device, cell.torch_dtype
     padding = None
-    if cfg.bench.pad_fraction > 0:
-        real = max(1, round(n * (1 - cfg.bench.pad_fraction)))
+    if cell.bench.pad_fraction > 0:
+        real = max(1, round(n * (1 - cell.bench.pad_fraction)))
         padding = (torch.arange(n, device=device) < real).expand(b, n)  # [b, n], right padding
 
-    if as_value(cfg.bench.scope) == "attention":
-        module = make_attention(cfg)(0)
+    if cell.scope == "attention":
+        module = make_attention(cell)(0)
         x = torch.randn(b, n, d, device=device, dtype=dtype, requires_grad=True)  # [b, n, d]
         grad = torch.randn(b, n, d, device=device, dtype=dtype)
         state = module.example_state(b, device, dtype)  # Transformer-XL: a full memory
 
         def forward(m):
-            return m(x.to(next(m.parameters()).dtype), key_padding_mask=padding, causal=cfg.causal, state=state)[0]
+            return m(x.to(next(m.parameters()).dtype), key_padding_mask=padding, causal=cell.causal, state=state)[0]
 
         def loss(y):
             return (y * grad.to(y.dtype)).sum()
 
     else:
-        module = build_model(cfg)
-        tokens = torch.randint(get_task(cfg.task.name).vocab_size(cfg.task), (b, n), device=device)  # [b, n]
-        targets = torch.randint(head_width(cfg), (b, n) if cfg.causal else (b,), device=device)
+        module = build_model(cell)
+        tokens = torch.randint(cell.vocab_size(), (b, n), device=device)  # [b, n]
+        targets = torch.randint(cell.head_width(), (b, n) if cell.causal else (b,), device=device)
         states = [block.attention.example_state(b, device, dtype) for block in module.encoder.blocks]
 
         def forward(m):
-            if cfg.causal:
+            if cell.causal:
                 return m(tokens, key_padding_mask=padding, states=states)[0]  # logits
             return m(tokens, key_padding_mask=padding)
 
@@ -244,8 +321,9 @@ UNPREDICTED_BYTES = 4 * 2**30  # a bench without a memory model (accuracy, xl_ev
 def job_memory_gb(cfg) -> int:
     """The memory a cluster job for this cell asks for, in whole GB: the process plus the step's
     predicted peak (benches with a ``scope``: the memory model the guard uses) with a 50% margin."""
-    if cfg.bench.get("scope") is None:
+    cell = Cell.of(cfg, device="cpu")
+    if cell.scope is None:
         step = UNPREDICTED_BYTES
     else:
-        step = predicted_bytes(cfg, cell_shape(cfg, "cpu"), cfg.bench.get("backward", True))
+        step = predicted_bytes(cell, cell.shape(), getattr(cell.bench, "backward", True))
     return max(1, -(-int(PROCESS_BYTES + 1.5 * step) // 10**9))

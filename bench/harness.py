@@ -22,15 +22,15 @@ from omegaconf import OmegaConf
 
 from bench import device_lock, measure, records
 from bench.benches import get_bench
-from bench.cell import PredictedOOM, attention_options, cell_hash, kv_heads, resolved_device
+from bench.cell import Cell, PredictedOOM, cell_hash
 from bench.output_check import WrongOutput
-from efficient.attention import Setting, Unavailable, Unsupported, as_value, get_backend, option_defaults
+from efficient.attention import Unavailable, Unsupported, as_value, option_defaults
 
 
 def new_record(cfg) -> dict:
     """A record with everything known before measuring: the cell, the config, the versions."""
     record = records.empty_record()
-    record.update(describe_cell(cfg))
+    record.update(describe_cell(Cell.of(cfg)))
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     record.update(
         config=config,
@@ -43,33 +43,30 @@ def new_record(cfg) -> dict:
     return record
 
 
-def describe_cell(cfg) -> dict:
+def describe_cell(cell: Cell) -> dict:
     """The record's fields that say which cell this is (known before anything runs)."""
-    scope = cfg.bench.get("scope")
-    device = resolved_device(cfg)
-    backend = get_backend(cfg.attention.name)
-    options = attention_options(cfg)
+    backend = cell.backend
     defaults = {k: as_value(v) for k, v in option_defaults(backend).items()}
     return {
         "record_version": records.RECORD_VERSION,
-        "attention": cfg.attention.name,
-        "attention_options": options,
-        "label": records.option_label(backend.name, options, defaults),
+        "attention": cell.attention,
+        "attention_options": dict(cell.options),
+        "label": records.option_label(backend.name, dict(cell.options), defaults),
         "exact": backend.capabilities.exact and not backend.capabilities.sparse_mask,
-        "bench": cfg.bench.name,
-        "task": cfg.task.name,
-        "scope": scope.value if scope else None,
-        "seq_len": cfg.seq_len,
-        "batch_size": cfg.batch_size,
-        "n_heads": cfg.model.n_heads,
-        "n_kv_heads": kv_heads(cfg),
-        "head_dim": cfg.model.d_model // cfg.model.n_heads,
-        "d_model": cfg.model.d_model,
-        "n_layers": cfg.model.n_layers,
-        "causal": cfg.causal,
-        "dtype": cfg.dtype.value,
-        "device": device,
-        "seed": cfg.seed,
+        "bench": cell.bench.name,
+        "task": cell.task.name,
+        "scope": cell.scope,
+        "seq_len": cell.seq_len,
+        "batch_size": cell.batch_size,
+        "n_heads": cell.model.n_heads,
+        "n_kv_heads": cell.n_kv_heads,
+        "head_dim": cell.head_dim,
+        "d_model": cell.model.d_model,
+        "n_layers": cell.model.n_layers,
+        "causal": cell.causal,
+        "dtype": cell.dtype,
+        "device": cell.device,
+        "seed": cell.seed,
     }
 
 
@@ -78,17 +75,17 @@ def run_job(cfg, record: dict | None = None, tracker=None, output_dir=None) -> d
     started = time.perf_counter()
     record = record if record is not None else new_record(cfg)
     try:
-        device = measure.resolve_device(cfg.device.value)
-        record.update(device=device, device_name=measure.device_name(device))
-        if device == "cpu":
-            torch.set_num_threads(cfg.bench.get("threads") or allotted_cores())
+        cell = Cell.of(cfg, measure.resolve_device(as_value(cfg.device)))
+        record.update(device=cell.device, device_name=measure.device_name(cell.device))
+        if cell.device == "cpu":
+            torch.set_num_threads(getattr(cell.bench, "threads", None) or allotted_cores())
         record["threads"] = torch.get_num_threads()
-        check_supported(cfg, device)
-        bench = get_bench(cfg.bench.name)
-        with device_lock.held(device) if bench.exclusive else nullcontext(None) as waited:
+        check_supported(cell)
+        bench = get_bench(cell.bench.name)
+        with device_lock.held(cell.device) if bench.exclusive else nullcontext(None) as waited:
             record["device_lock_wait_s"] = waited
-            torch.manual_seed(cfg.seed)
-            record.update(bench.run(cfg, device, tracker=tracker, output_dir=output_dir))
+            torch.manual_seed(cell.seed)
+            record.update(bench.run(cell, tracker=tracker, output_dir=output_dir))
         record.update(status="ok", final=True)
     except WrongOutput as e:  # measured, but the output says the figures must not be used
         record.update(e.measured)
@@ -120,20 +117,11 @@ def allotted_cores() -> int:
     return int(slurm) if slurm else len(os.sched_getaffinity(0))
 
 
-def check_supported(cfg, device: str) -> None:
-    backend = get_backend(cfg.attention.name)
-    cell = Setting(
-        device=device,
-        dtype=cfg.dtype.value,
-        causal=cfg.causal,
-        key_padding_mask=cfg.bench.get("pad_fraction", 0) > 0,
-        head_dim=cfg.model.d_model // cfg.model.n_heads,
-        seq_len=cfg.seq_len,
-        grouped_query=kv_heads(cfg) != cfg.model.n_heads,
-    )
-    reason = backend.unsupported_reason(cell, **attention_options(cfg))
+def check_supported(cell: Cell) -> None:
+    """Unsupported (the backend cannot run the cell) or Unavailable (this machine cannot), with the reason."""
+    reason = cell.backend.unsupported_reason(cell.setting(), **cell.options)
     if reason:
         raise Unsupported(reason)
-    reason = backend.unavailable_reason(cell, **attention_options(cfg))
+    reason = cell.backend.unavailable_reason(cell.setting(), **cell.options)
     if reason:
         raise Unavailable(reason)

@@ -27,7 +27,7 @@ import torch
 from omegaconf import OmegaConf
 
 from bench import records
-from bench.cell import language_model
+from bench.cell import Cell, language_model
 from bench.tasks.charlm import charlm_data
 from efficient.models import CausalLM
 from efficient.recurrence import evaluate_stream
@@ -47,7 +47,7 @@ def load_job(job: Path, device: str = "cpu", task: str = "charlm") -> tuple[dict
             f"{job} is not a finished {task} accuracy job "
             f"(bench={config['bench']['name']}, task={config['task']['name']}, status={record['status']})"
         )
-    model = language_model(OmegaConf.create(config)).to(device)
+    model = language_model(Cell.of(OmegaConf.create(config), device)).to(device)
     model.load_state_dict(torch.load(weights, weights_only=True, map_location=device))
     return record, model.eval()
 
@@ -58,7 +58,7 @@ def evaluate(job: Path, eval_mem_lens: list[int], out: Path | None = None, devic
     out = Path(out) if out is not None else job / "eval_memory"
     record, model = load_job(job, device)
     config = record["config"]
-    data = charlm_data(OmegaConf.create(config), device)
+    data = charlm_data(Cell.of(OmegaConf.create(config), device), device)
     written = []
     for mem_len in eval_mem_lens:
         started = time.perf_counter()

@@ -7,6 +7,7 @@ import torch
 from conftest import compose
 
 from bench.benches.accuracy import learning_rate, run_accuracy
+from bench.cell import Cell
 from bench.records import validate
 from bench.tasks.listops import encode, listops_splits
 from efficient.attention import flex
@@ -253,7 +254,7 @@ def test_training_reduces_loss_and_records_the_test_accuracy(tmp_path):
             losses.append(metrics["train_loss"])
 
     cfg = compose(*TINY, "bench.steps=60", "bench.eval_every=30")
-    result = run_accuracy(cfg, "cpu", tracker=Recorder(), output_dir=tmp_path)
+    result = run_accuracy(Cell.of(cfg), tracker=Recorder(), output_dir=tmp_path)
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
     assert result["metric"] == "test_accuracy" and 0.0 <= result["value"] <= 1.0
     assert result["extra"]["steps"] == 60 and (tmp_path / "best.pt").exists()
@@ -288,11 +289,11 @@ def test_resume_continues_the_same_run(tmp_path, task):
     for folder in (straight, interrupted):
         folder.mkdir()
     cfg = compose(*task, "bench.steps=40", "bench.eval_every=20")
-    run_accuracy(cfg, "cpu", output_dir=straight)
+    run_accuracy(Cell.of(cfg), output_dir=straight)
     with pytest.raises(KeyboardInterrupt):
-        run_accuracy(cfg, "cpu", tracker=StopAt(25), output_dir=interrupted)  # last.pt is at step 20
+        run_accuracy(Cell.of(cfg), tracker=StopAt(25), output_dir=interrupted)  # last.pt is at step 20
     resumed = compose(*task, "bench.steps=40", "bench.eval_every=20", "bench.resume=true")
-    run_accuracy(resumed, "cpu", output_dir=interrupted)
+    run_accuracy(Cell.of(resumed), output_dir=interrupted)
     a = torch.load(straight / "last.pt", weights_only=True)
     b = torch.load(interrupted / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 40
@@ -357,7 +358,7 @@ RECALL = [
 
 
 def test_recall_trains_a_causal_lm(tmp_path):
-    result = run_accuracy(compose(*RECALL, "bench.steps=20", "bench.eval_every=10"), "cpu", output_dir=tmp_path)
+    result = run_accuracy(Cell.of(compose(*RECALL, "bench.steps=20", "bench.eval_every=10")), output_dir=tmp_path)
     assert result["metric"] == "test_accuracy" and 0.0 <= result["value"] <= 1.0
 
 

@@ -252,15 +252,16 @@ def test_the_flop_model_counts_the_smaller_key_value_projection():
     """One layer of full attention with 2 of 4 key/value heads: the FLOP model against torch's counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from bench.cell import build_subject, cell_shape, layer_flops
+    from bench.cell import Cell, build_subject, layer_flops
 
     cfg = compose(
         "attention=full", "seq_len=32", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "device=cpu"
     )
-    subject = build_subject(cfg, "cpu", torch.float32)
+    cell = Cell.of(cfg)
+    subject = build_subject(cell)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         subject.forward(subject.module)
-    assert counter.get_total_flops() == pytest.approx(layer_flops(cfg, cell_shape(cfg, "cpu"))[0], rel=1e-6)
+    assert counter.get_total_flops() == pytest.approx(layer_flops(cell, cell.shape())[0], rel=1e-6)
 
 
 def test_decode_times_its_steps_within_the_budget_and_the_cache_it_allocated():

@@ -92,8 +92,8 @@ class ProbeBenchConfig:
     scale: float = 2.0
 
 
-def run_probe(cfg, device: str, **context) -> dict:
-    return {"metric": "scaled_length", "value": cfg.seq_len * cfg.bench.scale}
+def run_probe(cell, **context) -> dict:
+    return {"metric": "scaled_length", "value": cell.seq_len * cell.bench.scale}
 
 
 @pytest.fixture

@@ -118,12 +118,12 @@ def test_built_for_the_cells_length_while_the_record_keeps_the_configs_options()
     the config's, so that one Linformer setting is one label across every length of a sweep."""
     from conftest import compose
 
-    from bench.cell import build_subject
+    from bench.cell import Cell, build_subject
     from bench.harness import new_record
     from bench.records import cell_label
 
     for n in (32, 64):
         cfg = compose("attention=linformer", "attention.k=8", f"seq_len={n}", "device=cpu")
-        assert build_subject(cfg, "cpu", torch.float32).module.E.shape[-1] == n
+        assert build_subject(Cell.of(cfg)).module.E.shape[-1] == n
         record = new_record(cfg)
         assert record["attention_options"]["max_len"] is None and cell_label(record) == "linformer[k=8]"

@@ -334,7 +334,7 @@ def test_flop_model_matches_a_flop_counter(causal, n, m):
     from conftest import compose
     from torch.utils.flop_counter import FlopCounterMode
 
-    from bench.cell import cell_shape, layer_flops
+    from bench.cell import Cell, layer_flops
 
     b, klen = 2, n + m
     cfg = compose(
@@ -347,7 +347,8 @@ def test_flop_model_matches_a_flop_counter(causal, n, m):
         f"causal={str(causal).lower()}",
         "device=cpu",
     )
-    modelled = layer_flops(cfg, cell_shape(cfg, "cpu"))[0]
+    cell = Cell.of(cfg)
+    modelled = layer_flops(cell, cell.shape())[0]
     attn = xl(mem_len=m)
     x = torch.randn(b, n, D, dtype=torch.float64)
     memory = torch.randn(b, m, D, dtype=torch.float64) if m else None

@@ -1,8 +1,9 @@
 """Benches: what a job measures (``bench=<name>``). Importing this package registers every bench module in it.
 
 A bench is one module here that calls ``register_bench`` plus one ``conf/bench/<name>.yaml``.
-Its ``run(cfg, device, tracker=None, output_dir=None)`` returns the record's measured fields
-and raises ``Unsupported``, ``PredictedOOM`` or an out-of-memory error for the harness to
+Its ``run(cell, tracker=None, output_dir=None)`` takes the job's frozen ``Cell`` (``bench/cell.py``:
+the backend, the bench's and task's settings, the shapes, the device), returns the record's
+measured fields and raises ``Unsupported``, ``PredictedOOM`` or an out-of-memory error for the harness to
 record (``bench/harness.py``); its ``schema`` (a dataclass) holds its settings and their
 defaults, which the yaml repeats and a test compares.
 """
@@ -20,7 +21,7 @@ from efficient.registry import Registry, import_modules
 class Bench:
     name: str
     schema: type  # a dataclass: the bench's settings and their defaults
-    run: Callable[..., dict]  # (cfg, device, tracker=None, output_dir=None) -> the record's measured fields
+    run: Callable[..., dict]  # (cell, tracker=None, output_dir=None) -> the record's measured fields
     exclusive: bool = True  # a timing bench: it holds its device alone while it runs (bench/device_lock.py)
     bounds: dict[str, Bound] = field(default_factory=dict)  # valid ranges of its numeric settings
 

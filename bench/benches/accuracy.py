@@ -26,9 +26,9 @@ from tqdm import tqdm
 
 from bench import measure, records
 from bench.benches import Bench, register_bench
-from bench.cell import attention_options, build_model, option_words
+from bench.cell import Cell, build_model
 from bench.tasks import get_task, task_names
-from efficient.attention import Unsupported, get_backend
+from efficient.attention import Unsupported
 from efficient.bounds import Bound
 
 
@@ -79,28 +79,29 @@ def learning_rate(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def run_accuracy(cfg, device: str, tracker=None, output_dir: Path | None = None) -> dict:
-    bench, task = cfg.bench, get_task(cfg.task.name)
-    backend = get_backend(cfg.attention.name)
-    if not backend.trains_on(device, **attention_options(cfg)):
+def run_accuracy(cell: Cell, tracker=None, output_dir: Path | None = None) -> dict:
+    device = cell.device
+    bench, task = cell.bench, get_task(cell.task.name)
+    backend = cell.backend
+    if not backend.trains_on(device, **cell.options):
         raise Unsupported(
-            f"{backend.name} has no backward on {device}{option_words(cfg)}, and training needs one "
+            f"{backend.name} has no backward on {device}{cell.option_words()}, and training needs one "
             f"(it trains on: {', '.join(backend.capabilities.backward_devices)})"
         )
     if task.data is None:
         trainable = [name for name in task_names() if get_task(name).data is not None]
         raise ValueError(f"task {task.name} has no data to train on; bench=accuracy takes: {', '.join(trainable)}")
-    if (task.n_classes(cfg.task) is None) != bool(cfg.causal):
+    if (task.n_classes(cell.task) is None) != bool(cell.causal):
         kind = (
             "a causal language-modelling task: set causal=true"
-            if not cfg.causal
+            if not cell.causal
             else "a classification task for an encoder: set causal=false"
         )
         raise ValueError(f"task {task.name} is {kind}")
     output_dir = Path(output_dir or ".")
-    torch.manual_seed(cfg.seed)
-    data = task.data(cfg, device)
-    model = build_model(cfg).to(device)
+    torch.manual_seed(cell.seed)
+    data = task.data(cell, device)
+    model = build_model(cell).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=bench.lr, weight_decay=bench.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate(step, bench.warmup_steps, bench.steps)
@@ -131,7 +132,7 @@ def run_accuracy(cfg, device: str, tracker=None, output_dir: Path | None = None)
     progress = tqdm(
         total=bench.steps,
         initial=step,
-        desc=f"{cfg.attention.name} {task.name}",
+        desc=f"{cell.attention} {task.name}",
         mininterval=5,
         disable=not bench.progress,
     )

@@ -28,10 +28,10 @@ import torch
 
 from bench import measure
 from bench.benches import Bench, register_bench
-from bench.cell import PredictedOOM, attention_options, cell_shape, kv_heads, language_model, make_attention
+from bench.cell import Cell, PredictedOOM, language_model, make_attention
 from bench.measure import MIB
 from bench.output_check import WrongOutput, check_exact, nonfinite
-from efficient.attention import Attention, Setting, Unsupported, get_backend
+from efficient.attention import Attention, Setting, Unsupported
 from efficient.bounds import Bound
 from efficient.kv_cache import KVCache, empty_caches
 
@@ -51,48 +51,48 @@ class DecodeBenchConfig:
     threads: Optional[int] = None  # CPU threads; None: the cores allotted
 
 
-def check_decodable(cfg, device: str) -> None:
-    backend = get_backend(cfg.attention.name)
-    if not cfg.causal:  # refused with the config's values already; here for callers that skip that check
+def check_decodable(cell: Cell) -> None:
+    backend = cell.backend
+    if not cell.causal:  # refused with the config's values already; here for callers that skip that check
         raise Unsupported("bench=decode measures causal (autoregressive) decoding: it cannot run with causal=false")
     if not backend.capabilities.stateful:  # a stateful backend (XL) decodes with its memory
-        cell = Setting(device, cfg.dtype.value, causal=True, kv_cache=True)
-        if reason := backend.unsupported_reason(cell):
+        setting = Setting(cell.device, cell.dtype, causal=True, kv_cache=True)
+        if reason := backend.unsupported_reason(setting):
             raise Unsupported(reason)
 
 
-def cache_bytes(cfg, length: int, element: int, read: bool = False) -> int:
+def cache_bytes(cell: Cell, length: int, element: int, read: bool = False) -> int:
     """The layers' states after ``length`` tokens: a KV cache's keys and values, the running sums
     of attention through a feature map (a fixed size), or XL's memory of ``length`` hidden states
     per layer (from which it recomputes keys and values). ``read``: what one decode step reads of
     them (a sparse mask's newest query reads only the keys it sees)."""
-    b, layers = cfg.batch_size, cfg.model.n_layers
-    backend = get_backend(cfg.attention.name)
+    b, layers = cell.batch_size, cell.model.n_layers
+    backend = cell.backend
     if backend.capabilities.stateful:
-        return b * layers * length * cfg.model.d_model * element
-    head_dim = cfg.model.d_model // cfg.model.n_heads
+        return b * layers * length * cell.model.d_model * element
+    head_dim = cell.head_dim
     elements = backend.decoding_read_elements if read else backend.decoding_state_elements
-    return b * layers * elements(kv_heads(cfg), head_dim, length, **attention_options(cfg)) * element
+    return b * layers * elements(cell.n_kv_heads, head_dim, length, **cell.options) * element
 
 
-def predicted_prefill_bytes(cfg, device: str, chunk: int) -> float:
+def predicted_prefill_bytes(cell: Cell, chunk: int) -> float:
     """The cache, plus one layer's attention and activations for the largest prefill piece."""
-    shape = cell_shape(cfg, device)
-    piece = dataclasses.replace(shape, q_len=chunk, k_len=cfg.seq_len)
-    core = get_backend(cfg.attention.name).memory_bytes(piece, False, **attention_options(cfg))
-    activations = cfg.batch_size * chunk * (cfg.model.d_model * 8 + cfg.model.d_ff * 2) * shape.bytes_per_element
-    capacity = cfg.seq_len + decode_steps(cfg) + 1
-    return cache_bytes(cfg, capacity, shape.bytes_per_element) + core + activations
+    shape = cell.shape()
+    piece = dataclasses.replace(shape, q_len=chunk, k_len=cell.seq_len)
+    core = cell.backend.memory_bytes(piece, False, **cell.options)
+    activations = cell.batch_size * chunk * (cell.model.d_model * 8 + cell.model.d_ff * 2) * shape.bytes_per_element
+    capacity = cell.seq_len + decode_steps(cell) + 1
+    return cache_bytes(cell, capacity, shape.bytes_per_element) + core + activations
 
 
 LOGIT_DIMS = ("batch", "position", "token")
 
 
-def decode_steps(cfg) -> int:
+def decode_steps(cell: Cell) -> int:
     """The most single-token steps a job takes after the prefill (the checked first step, the
     warm-up and the timed steps); the cache and the positions are allocated for them."""
-    timed = max(cfg.bench.decode_tokens, cfg.bench.max_decode_tokens if cfg.bench.min_time_s > 0 else 0)
-    return 1 + cfg.bench.warmup + timed
+    timed = max(cell.bench.decode_tokens, cell.bench.max_decode_tokens if cell.bench.min_time_s > 0 else 0)
+    return 1 + cell.bench.warmup + timed
 
 
 def reference_dtype(device: str) -> torch.dtype:
@@ -108,13 +108,14 @@ def copy_cache(state, dtype: torch.dtype) -> KVCache:
     return cache
 
 
-def check_decode_step(cfg, model, token, logits, reference_states, device: str):
+def check_decode_step(cell: Cell, model, token, logits, reference_states):
     """(max abs error and its reference, or None; why the step is wrong, or None) of one decode
     step's ``logits`` [b, 1, vocab]: NaN/Inf always; with ``reference_states`` (copies of the
     caches before the step), the exact reference's logits of the same step, within the backend's
     tolerance."""
     if reference_states is None:
         return None, nonfinite(logits, "the first decode step's logits", LOGIT_DIMS)
+    device = cell.device
     ref_dtype = reference_dtype(device)
     with torch.no_grad():
         reference = copy.deepcopy(model).to(ref_dtype)
@@ -123,40 +124,41 @@ def check_decode_step(cfg, model, token, logits, reference_states, device: str):
                 layer.reference_mode = True
         expected, _ = reference(token, states=reference_states)
     error, problem = check_exact(
-        cfg.attention.name, cfg.dtype.value, logits, expected, "the first decode step's logits", LOGIT_DIMS
+        cell.attention, cell.dtype, logits, expected, "the first decode step's logits", LOGIT_DIMS
     )
     where = f"exact attention over a copy of the cache, {str(ref_dtype).removeprefix('torch.')} on {device}"
     return (error, where), problem
 
 
-def run_decode(cfg, device: str, **context) -> dict:
-    check_decodable(cfg, device)
-    dtype = getattr(torch, cfg.dtype.value)
-    n, b, steps = cfg.seq_len, cfg.batch_size, decode_steps(cfg)
-    chunk = min(cfg.bench.prefill_chunk or n, n)
-    predicted = predicted_prefill_bytes(cfg, device, chunk)
-    budget = measure.memory_budget_bytes(device, cfg.bench.memory_budget_gib)
+def run_decode(cell: Cell, **context) -> dict:
+    device = cell.device
+    check_decodable(cell)
+    dtype = cell.torch_dtype
+    n, b, steps = cell.seq_len, cell.batch_size, decode_steps(cell)
+    chunk = min(cell.bench.prefill_chunk or n, n)
+    predicted = predicted_prefill_bytes(cell, chunk)
+    budget = measure.memory_budget_bytes(device, cell.bench.memory_budget_gib)
     if predicted > budget:
         raise PredictedOOM(
             f"predicted prefill peak {predicted / measure.GIB:,.1f} GiB exceeds the budget of "
             f"{budget / measure.GIB:,.1f} GiB (bench.memory_budget_gib; a smaller "
             f"bench.prefill_chunk needs less); not run"
         )
-    capabilities = get_backend(cfg.attention.name).capabilities
+    capabilities = cell.backend.capabilities
     stateful = capabilities.stateful
     # The first decode step is checked against the exact reference on a copy of the cache (float64
     # on CPU, float32 on GPU), when that copy fits beside the prefill; XL keeps its memory instead,
     # and running sums keep no keys to attend over.
-    head_dim = cfg.model.d_model // cfg.model.n_heads
+    head_dim = cell.head_dim
     copy_bytes = (
         b
-        * cfg.model.n_layers
-        * Attention.decoding_state_elements(kv_heads(cfg), head_dim, n + steps)
+        * cell.model.n_layers
+        * Attention.decoding_state_elements(cell.n_kv_heads, head_dim, n + steps)
         * (8 if device == "cpu" else 4)
     )
     exact = not stateful and not capabilities.constant_state and predicted + copy_bytes <= budget
-    make = make_attention(cfg, mem_len=n) if stateful else None  # XL: a memory of the whole context
-    model = language_model(cfg, make, max_len=n + steps).to(device=device, dtype=dtype).eval()
+    make = make_attention(cell, mem_len=n) if stateful else None  # XL: a memory of the whole context
+    model = language_model(cell, make, max_len=n + steps).to(device=device, dtype=dtype).eval()
     tokens = torch.randint(model.encoder.embed.num_embeddings, (b, n + steps), device=device)  # [b, n+steps]
 
     def prefill():
@@ -180,7 +182,7 @@ def run_decode(cfg, device: str, **context) -> dict:
         before_first_step = [copy_cache(state, reference_dtype(device)) for state in states] if exact else None
         first: list[torch.Tensor] = []
         _, decode_ops = measure.profile_step(lambda: first.append(step(0)), device)  # which kernels decode one query
-        exact_error, problem = check_decode_step(cfg, model, tokens[:, n : n + 1], first[0], before_first_step, device)
+        exact_error, problem = check_decode_step(cell, model, tokens[:, n : n + 1], first[0], before_first_step)
         before_first_step = None  # freed before the timed steps
         lengths = []  # keys each step attended over
         last = first
@@ -192,16 +194,16 @@ def run_decode(cfg, device: str, **context) -> dict:
         t = measure.time_ms(
             next_step,
             device,
-            warmup=cfg.bench.warmup,
-            repeats=cfg.bench.decode_tokens,
-            min_time_s=cfg.bench.min_time_s,
-            max_repeats=steps - 1 - cfg.bench.warmup,
+            warmup=cell.bench.warmup,
+            repeats=cell.bench.decode_tokens,
+            min_time_s=cell.bench.min_time_s,
+            max_repeats=steps - 1 - cell.bench.warmup,
         )
-        times_ms, lengths = t["times_ms"], lengths[cfg.bench.warmup :]
+        times_ms, lengths = t["times_ms"], lengths[cell.bench.warmup :]
         problem = problem or nonfinite(last[0], "the last decode step's logits", LOGIT_DIMS)
     element = torch.tensor([], dtype=dtype).element_size()
     weights = sum(p.numel() for name, p in model.named_parameters() if "positions" not in name) * element
-    read = [weights + cache_bytes(cfg, length, element, read=True) for length in lengths]  # bytes each step reads
+    read = [weights + cache_bytes(cell, length, element, read=True) for length in lengths]  # bytes each step reads
     achieved_gbs = measure.summarize([r / (t / 1e3) / 1e9 for r, t in zip(read, times_ms)])["median"]
     peak_gbs, peak_source = measure.peak_bandwidth(device)
     result = {
@@ -225,7 +227,7 @@ def run_decode(cfg, device: str, **context) -> dict:
             "prefill_ops": prefill_ops,
             "decode_ms": t["median"],
             "decode_tokens": len(times_ms),
-            "cache_mib": cache_bytes(cfg, n, element) / MIB,
+            "cache_mib": cache_bytes(cell, n, element) / MIB,
             "weights_mib": weights / MIB,
             "bytes_per_token": statistics.median(read),
             "achieved_gbs": achieved_gbs,

@@ -28,8 +28,8 @@ import torch
 
 from bench import measure
 from bench.benches import Bench, register_bench
-from bench.cell import PredictedOOM, Scope, attention_options, build_subject, cell_shape, option_words, predicted_bytes
-from efficient.attention import Unsupported, get_backend
+from bench.cell import Cell, PredictedOOM, Scope, build_subject, predicted_bytes
+from efficient.attention import Unsupported, as_value
 from efficient.bounds import Bound
 
 
@@ -52,62 +52,55 @@ class MaxLenBenchConfig:
     threads: Optional[int] = None
 
 
-def at_length(cfg, seq_len: int):
-    """The config with another ``seq_len``."""
-    cfg = cfg.copy()
-    cfg.seq_len = seq_len
-    return cfg
-
-
-def predicted_fit(cfg, device: str, budget: float) -> tuple[bool, float]:
+def predicted_fit(cell: Cell, budget: float) -> tuple[bool, float]:
     """(fits, predicted peak bytes) by the memory model alone."""
-    predicted = predicted_bytes(cfg, cell_shape(cfg, device), cfg.bench.backward)
+    predicted = predicted_bytes(cell, cell.shape(), cell.bench.backward)
     return predicted <= budget, predicted
 
 
-def measured_fit(cfg, device: str, budget: float) -> tuple[bool, float | None]:
+def measured_fit(cell: Cell, budget: float) -> tuple[bool, float | None]:
     """(fits, measured peak bytes or None after out-of-memory) by running the step once."""
-    dtype = getattr(torch, cfg.dtype.value)
     try:
-        subject = build_subject(cfg, device, dtype)
+        subject = build_subject(cell)
 
         def step():
-            if cfg.bench.backward:
+            if cell.bench.backward:
                 subject.loss(subject.forward(subject.module)).backward()
             else:
                 with torch.no_grad():
                     subject.forward(subject.module)
 
-        peak = measure.peak_memory_bytes(step, device)
+        peak = measure.peak_memory_bytes(step, cell.device)
         return peak <= budget, peak
     except torch.OutOfMemoryError:
         return False, None
     finally:
         subject = None  # free the step's tensors before the next length
         gc.collect()
-        if device == "cuda":
+        if cell.device == "cuda":
             torch.cuda.empty_cache()
 
 
-def run_maxlen(cfg, device: str, **context) -> dict:
-    bench = cfg.bench
-    backend = get_backend(cfg.attention.name)
-    if bench.backward and not backend.trains_on(device, **attention_options(cfg)):
+def run_maxlen(cell: Cell, **context) -> dict:
+    bench, device, backend = cell.bench, cell.device, cell.backend
+    if bench.backward and not backend.trains_on(device, **cell.options):
         raise Unsupported(
-            f"{backend.name} has no backward on {device}{option_words(cfg)}: "
+            f"{backend.name} has no backward on {device}{cell.option_words()}: "
             f"search the forward with bench.backward=false"
         )
-    method = bench.method.value if bench.method.value != "auto" else ("measure" if device == "cuda" else "predict")
+    method = as_value(bench.method)
+    if method == "auto":
+        method = "measure" if device == "cuda" else "predict"
     budget = measure.memory_budget_bytes(device, bench.memory_budget_gib)
     tried: list[dict] = []
 
     def fits(seq_len: int) -> bool:
-        cell = at_length(cfg, seq_len)
-        ok, peak = predicted_fit(cell, device, budget) if method == "predict" else measured_fit(cell, device, budget)
+        at = cell.at(seq_len=seq_len)
+        ok, peak = predicted_fit(at, budget) if method == "predict" else measured_fit(at, budget)
         tried.append({"seq_len": seq_len, "fits": ok, "peak_mib": None if peak is None else peak / measure.MIB})
         return ok
 
-    start, resolution = cfg.seq_len, bench.resolution
+    start, resolution = cell.seq_len, bench.resolution
     if not fits(start):
         raise PredictedOOM(
             f"the starting length {start} does not fit the budget of "

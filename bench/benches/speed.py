@@ -18,20 +18,10 @@ import torch
 
 from bench import measure
 from bench.benches import Bench, register_bench
-from bench.cell import (
-    PredictedOOM,
-    Scope,
-    Subject,
-    attention_options,
-    build_subject,
-    cell_shape,
-    layer_flops,
-    option_words,
-    predicted_bytes,
-)
+from bench.cell import Cell, PredictedOOM, Scope, Subject, build_subject, layer_flops, predicted_bytes
 from bench.measure import MIB
 from bench.output_check import WrongOutput, check_exact, nonfinite
-from efficient.attention import Attention, get_backend
+from efficient.attention import Attention
 from efficient.bounds import Bound
 
 OUTPUT_DIMS = ("batch", "position", "feature")  # the subject's output: [b, n, d_model] (or logits)
@@ -78,13 +68,11 @@ def gradient_problem(module: torch.nn.Module) -> Optional[str]:
     return None
 
 
-def run_speed(cfg, device: str, **context) -> dict:
+def run_speed(cell: Cell, **context) -> dict:
     """Measure one cell; raises Unsupported / PredictedOOM / torch.OutOfMemoryError."""
-    dtype = getattr(torch, cfg.dtype.value)
-    shape = cell_shape(cfg, device)
-    training = cfg.bench.backward
-    predicted = predicted_bytes(cfg, shape, training)
-    budget = measure.memory_budget_bytes(device, cfg.bench.memory_budget_gib)
+    device, shape, training = cell.device, cell.shape(), cell.bench.backward
+    predicted = predicted_bytes(cell, shape, training)
+    budget = measure.memory_budget_bytes(device, cell.bench.memory_budget_gib)
     result: dict = {"predicted_mem_mib": predicted / MIB}
     if predicted > budget:
         raise PredictedOOM(
@@ -92,9 +80,9 @@ def run_speed(cfg, device: str, **context) -> dict:
             f"{budget / measure.GIB:,.1f} GiB (bench.memory_budget_gib); not run"
         )
 
-    subject = build_subject(cfg, device, dtype)
+    subject = build_subject(cell)
     module = subject.module
-    budget = dict(warmup=cfg.bench.warmup, repeats=cfg.bench.repeats, min_time_s=cfg.bench.min_time_s)
+    timing = dict(warmup=cell.bench.warmup, repeats=cell.bench.repeats, min_time_s=cell.bench.min_time_s)
 
     def fwd():
         with torch.no_grad():
@@ -104,14 +92,14 @@ def run_speed(cfg, device: str, **context) -> dict:
         module.zero_grad(set_to_none=True)
         subject.loss(subject.forward(module)).backward()
 
-    tokens = cfg.batch_size * cfg.seq_len
+    tokens = cell.batch_size * cell.seq_len
     wrong = None  # a gradient with NaN or Inf (forward+backward)
-    flops_fwd, flops_fwd_bwd = layer_flops(cfg, shape)
+    flops_fwd, flops_fwd_bwd = layer_flops(cell, shape)
     started = time.perf_counter()
     fwd()  # the first call compiles (flex), autotunes or initialises: timed apart
     measure.synchronize(device)
     result["first_call_s"] = time.perf_counter() - started
-    t = measure.time_ms(fwd, device, **budget)
+    t = measure.time_ms(fwd, device, **timing)
     peak, ops = measure.profile_step(fwd, device)
     result.update(
         fwd_ms=t["median"],
@@ -125,12 +113,12 @@ def run_speed(cfg, device: str, **context) -> dict:
         peak_mem_mib=peak / MIB,
         attention_ops=ops,
     )
-    backend = get_backend(cfg.attention.name)
-    if training and not backend.trains_on(device, **attention_options(cfg)):
-        result["note"] = f"forward only: {backend.name} has no backward on {device}" + option_words(cfg)
+    backend = cell.backend
+    if training and not backend.trains_on(device, **cell.options):
+        result["note"] = f"forward only: {backend.name} has no backward on {device}" + cell.option_words()
         training = False
     if training:
-        t = measure.time_ms(fwd_bwd, device, **budget)
+        t = measure.time_ms(fwd_bwd, device, **timing)
         wrong = gradient_problem(module)
         module.zero_grad(set_to_none=True)
         result.update(
@@ -144,15 +132,15 @@ def run_speed(cfg, device: str, **context) -> dict:
         )
         module.zero_grad(set_to_none=True)
         result["peak_mem_mib"] = result["fwd_bwd_peak_mem_mib"]
-    peak = measure.peak_tflops(measure.device_name(device), dtype)
+    peak = measure.peak_tflops(measure.device_name(device), cell.torch_dtype)
     result["mfu"] = result["tflops"] / peak if peak else None
     output = fwd()
-    if cfg.bench.check_error:
+    if cell.bench.check_error:
         reference, result["reference"] = exact_reference(subject, device)
         result["max_abs_err"], problem = check_exact(
-            cfg.attention.name, cfg.dtype.value, output, reference, "the forward output", OUTPUT_DIMS
+            cell.attention, cell.dtype, output, reference, "the forward output", OUTPUT_DIMS
         )
-        if get_backend(cfg.attention.name).capabilities.sparse_mask:  # what the mask costs against full attention
+        if backend.capabilities.sparse_mask:  # what the mask costs against full attention
             full, _ = exact_reference(subject, device, unmasked=True)
             result["max_abs_err_vs_full"] = (output.double() - full.double()).abs().max().item()
     else:

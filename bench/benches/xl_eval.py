@@ -17,7 +17,7 @@ import torch
 
 from bench import measure
 from bench.benches import Bench, register_bench
-from bench.cell import language_model, make_attention
+from bench.cell import Cell, language_model, make_attention
 from efficient.attention import Unsupported, attention_factory
 from efficient.bounds import Bound
 
@@ -33,21 +33,22 @@ class XLEvalBenchConfig:
     min_time_s: float = 1.0  # and timed runs until they add up to this
 
 
-def run_xl_eval(cfg, device: str, **context) -> dict:
-    span, tgt_len = cfg.seq_len, cfg.bench.tgt_len
+def run_xl_eval(cell: Cell, **context) -> dict:
+    device = cell.device
+    span, tgt_len = cell.seq_len, cell.bench.tgt_len
     if not 0 < tgt_len < span:
         raise ValueError(f"bench.tgt_len must be between 1 and seq_len - 1 (the attention length), got {tgt_len}")
-    if cfg.attention.name != "xl":
+    if cell.attention != "xl":
         raise Unsupported(
             f"bench=xl_eval times Transformer-XL against a vanilla model of the same size: it "
-            f"takes attention=xl, not {cfg.attention.name}"
+            f"takes attention=xl, not {cell.attention}"
         )
-    dtype = getattr(torch, cfg.dtype.value)
-    xl = language_model(cfg, make_attention(cfg, mem_len=span - tgt_len))
-    vanilla = language_model(cfg, attention_factory("full", cfg.model.d_model, cfg.model.n_heads))
+    dtype = cell.torch_dtype
+    xl = language_model(cell, make_attention(cell, mem_len=span - tgt_len))
+    vanilla = language_model(cell, attention_factory("full", cell.model.d_model, cell.model.n_heads))
     xl, vanilla = (m.to(device=device, dtype=dtype).eval() for m in (xl, vanilla))
-    b = cfg.batch_size
-    window = torch.randint(cfg.task.vocab_size, (b, span), device=device)  # [b, A]
+    b = cell.batch_size
+    window = torch.randint(cell.vocab_size(), (b, span), device=device)  # [b, A]
     segment = window[:, -tgt_len:]
     memories = [block.attention.example_state(b, device, dtype) for block in xl.encoder.blocks]
 
@@ -59,7 +60,7 @@ def run_xl_eval(cfg, device: str, **context) -> dict:
         with torch.no_grad():
             vanilla(window)  # one prediction: the last position
 
-    budget = dict(warmup=cfg.bench.warmup, repeats=cfg.bench.repeats, min_time_s=cfg.bench.min_time_s)
+    budget = dict(warmup=cell.bench.warmup, repeats=cell.bench.repeats, min_time_s=cell.bench.min_time_s)
     t_xl = measure.time_ms(xl_step, device, **budget)
     t_vanilla = measure.time_ms(vanilla_step, device, **budget)
     xl_per_token = t_xl["median"] / tgt_len

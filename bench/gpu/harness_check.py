@@ -31,7 +31,7 @@ def subject_forward(kernel: str, seq_len: int, cell: tuple[str, ...]):
     from hydra import compose, initialize_config_dir
 
     import bench.config
-    from bench.cell import build_subject
+    from bench.cell import Cell, build_subject
 
     bench.config.register()
 
@@ -44,7 +44,7 @@ def subject_forward(kernel: str, seq_len: int, cell: tuple[str, ...]):
     reason = cannot_run(cfg)
     if reason:
         return None, reason
-    subject = build_subject(cfg, cell[0].removeprefix("device="), getattr(torch, cfg.dtype.value))
+    subject = build_subject(Cell.of(cfg))
 
     def forward():
         with torch.no_grad():
@@ -54,11 +54,12 @@ def subject_forward(kernel: str, seq_len: int, cell: tuple[str, ...]):
 
 
 def cannot_run(cfg) -> str | None:
-    from bench.harness import check_supported, resolved_device
+    from bench.cell import Cell
+    from bench.harness import check_supported
     from efficient.attention import Unavailable, Unsupported
 
     try:
-        check_supported(cfg, resolved_device(cfg))
+        check_supported(Cell.of(cfg))
     except (Unsupported, Unavailable) as refusal:
         return str(refusal)
     return None

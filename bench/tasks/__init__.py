@@ -21,9 +21,8 @@ class Task:
     schema: type  # a dataclass: the task's settings and their defaults
     vocab_size: Callable[[Any], int]  # task config -> the model's vocabulary
     n_classes: Callable[[Any], Optional[int]]  # task config -> classes (None: a causal LM task)
-    data: Optional[Callable[..., Any]] = (
-        None  # (cfg, device) -> training data (bench/tasks/data.py); None: random inputs only
-    )
+    # (cell, device) -> training data (bench/tasks/data.py); None: random inputs only
+    data: Optional[Callable[..., Any]] = None
     bounds: dict[str, Bound] = field(default_factory=dict)  # valid ranges of its numeric settings
 
 

@@ -16,11 +16,11 @@ class CharLMTaskConfig:
     data_path: Optional[str] = None  # a raw byte file (enwik8, or enwik8.zip); None: Python's reference topics
 
 
-def charlm_data(cfg, device: str) -> StreamData:
-    path = cfg.task.data_path
+def charlm_data(cell, device: str) -> StreamData:
+    path = cell.task.data_path
     data = charlm.load_bytes(path) if path else charlm.default_corpus()
     source = charlm.describe(data, str(path) if path else "pydoc_data.topics (Python Language Reference)")
-    return StreamData(charlm.split_stream(data), cfg.batch_size, cfg.seq_len, device, source)
+    return StreamData(charlm.split_stream(data), cell.batch_size, cell.seq_len, device, source)
 
 
 register_task(

@@ -70,9 +70,9 @@ def listops_splits(task, seq_len: int, seed: int) -> tuple[dict[str, Split], dic
 class ListOpsData(ExampleData):
     """ListOps splits; the record also says how many inputs were cut to ``seq_len``, if any."""
 
-    def __init__(self, cfg, device: str):
-        splits, self.truncated = listops_splits(cfg.task, cfg.seq_len, cfg.seed)
-        super().__init__(splits, cfg.batch_size, device, cfg.seed)
+    def __init__(self, cell, device: str):
+        splits, self.truncated = listops_splits(cell.task, cell.seq_len, cell.seed)
+        super().__init__(splits, cell.batch_size, device, cell.seed)
 
     def describe(self) -> dict:
         cut = {f"n_{split}_truncated": n for split, n in self.truncated.items() if n}

@@ -33,8 +33,8 @@ def recall_splits(task, seq_len: int, seed: int) -> dict[str, Split]:
     return out
 
 
-def recall_data(cfg, device: str) -> ExampleData:
-    return ExampleData(recall_splits(cfg.task, cfg.seq_len, cfg.seed), cfg.batch_size, device, cfg.seed)
+def recall_data(cell, device: str) -> ExampleData:
+    return ExampleData(recall_splits(cell.task, cell.seq_len, cell.seed), cell.batch_size, device, cell.seed)
 
 
 register_task(
