@@ -70,22 +70,13 @@ def main(cfg) -> None:
 
 
 def summary_line(r: dict) -> str:
-    """One line per job: the status, and whichever measurements the record has."""
+    """One line per job: the status, and the measurements its bench names as headlines."""
     cell = f"{tracking.run_name(r)}:"
     if r["status"] != "ok":
         return f"{cell} {r['status']}: {r['reason']}"
-    shown = [
-        ("fwd_ms", "fwd {:.3g} ms"),
-        ("fwd_bwd_ms", "fwd+bwd {:.3g} ms"),
-        ("peak_mem_mib", "peak {:.4g} MiB"),
-        ("max_abs_err", "err {:.1e}"),
-    ]
-    parts = [fmt.format(r[key]) for key, fmt in shown if r.get(key) is not None]
-    if r.get("metric") is not None:
-        parts.append(
-            f"{r['metric']} {r['value']:,}" if isinstance(r["value"], int) else f"{r['metric']} {r['value']:.4g}"
-        )
-    return f"{cell} ok: " + ", ".join(parts)
+    headline = (r.get("report") or {}).get("headline", [])
+    parts = [words.format(r[name], record=r) for name, words in headline if r.get(name) is not None]
+    return f"{cell} ok: " + (", ".join(parts) or "measured")
 
 
 if __name__ == "__main__":

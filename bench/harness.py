@@ -30,7 +30,10 @@ from efficient.attention import Unavailable, Unsupported, as_value, option_defau
 def new_record(cfg) -> dict:
     """A record with everything known before measuring: the cell, the config, the versions."""
     record = records.empty_record()
-    record.update(describe_cell(Cell.of(cfg)))
+    cell = Cell.of(cfg)
+    record.update(describe_cell(cell))
+    described = get_bench(cell.bench.name).result.describe()  # the record describes its measurements
+    record.update(dict.fromkeys(described["measures"]), **described)  # each None until measured
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     record.update(
         config=config,
@@ -85,10 +88,11 @@ def run_job(cfg, record: dict | None = None, tracker=None, output_dir=None) -> d
         with device_lock.held(cell.device) if bench.exclusive else nullcontext(None) as waited:
             record["device_lock_wait_s"] = waited
             torch.manual_seed(cell.seed)
-            record.update(bench.run(cell, tracker=tracker, output_dir=output_dir))
+            record.update(bench.run(cell, tracker=tracker, output_dir=output_dir).fields())
         record.update(status="ok", final=True)
     except WrongOutput as e:  # measured, but the output says the figures must not be used
-        record.update(e.measured)
+        if e.measured is not None:
+            record.update(e.measured.fields())
         record.update(status="wrong", reason=str(e), final=False)
     except Unavailable as e:
         record.update(status="unsupported", reason=str(e), final=False)

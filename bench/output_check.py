@@ -23,9 +23,9 @@ from efficient.attention import get_backend
 class WrongOutput(Exception):
     """A measured output is wrong: the record's status is ``wrong`` and the reason says where."""
 
-    def __init__(self, reason: str, measured: dict[str, Any] | None = None):
+    def __init__(self, reason: str, measured: Any = None):
         super().__init__(reason)
-        self.measured = measured or {}
+        self.measured = measured  # the bench's Result: its figures, kept beside the status
 
 
 def position(index: Sequence[int], dims: Sequence[str]) -> str:

@@ -27,6 +27,8 @@ import warnings
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
+from bench import legacy
+
 STATUSES = ("ok", "oom", "unsupported", "wrong", "error")
 LOWER_IS_BETTER = frozenset({"test_bpc"})  # accuracy-bench metrics where smaller is better
 
@@ -37,21 +39,22 @@ def best_value(metric: str | None, values):
 
 
 RESULT_FILE = "result.json"
-# 2: a record describes itself (``label``, ``exact``, every option resolved), so that reading it
-# needs neither torch nor the backends. 1 (no ``record_version``): ``python -m bench.records
-# upgrade PATH`` adds what 2 has.
-RECORD_VERSION = 2
+# 3: each bench's own fields (its ``Result``), described in the record (``measures``, ``report``);
+# 2: ``label`` and ``exact`` written when measured. Older records still load: ``bench/legacy.py``
+# reads them with version 3's names, and ``python -m bench.records upgrade PATH`` rewrites them.
+RECORD_VERSION = 3
 
-# field -> meaning; every record has every field (None when it does not apply).
+# field -> meaning; every record has these fields (None when they do not apply), then the fields
+# of its bench's result, which ``measures`` names and explains (``bench/results.py``).
 FIELDS = {
     "attention": "backend name (conf/attention/<name>.yaml)",
     "attention_options": "the backend's options, every one resolved, e.g. {'kernel': 'flash', 'scale': None}",
     "label": "the backend and the options set away from its defaults when measured, e.g. 'sdpa[kernel=flash]'",
     "exact": "true: equal to full softmax attention up to rounding; false: an approximation, or exact "
     "only under its own sparse mask",
-    "bench": "speed | accuracy",
+    "bench": "what the job measured (conf/bench/<name>.yaml): speed, decode, maxlen, xl_eval, accuracy, ...",
     "task": "synthetic or a data task",
-    "scope": "attention (one layer) | model (the whole stack)",
+    "scope": "attention (one layer) | model (the whole stack), for a bench that measures a step",
     "seq_len": "tokens per sequence",
     "batch_size": "sequences per step",
     "n_heads": "attention heads",
@@ -69,33 +72,9 @@ FIELDS = {
     "reason": "for anything but ok: a human sentence",
     "final": "true: the status holds for this cell on any machine, and resume=true skips it; false: it "
     "depends on this machine (no CUDA, a package missing) or is an error, and resume=true runs it again",
-    "fwd_ms": "median forward latency (no grad), ms",
-    "fwd_ms_p20": "20th percentile forward latency, ms",
-    "fwd_ms_p80": "80th percentile forward latency, ms",
-    "fwd_samples": "timed runs behind fwd_ms (at least bench.repeats, more until bench.min_time_s)",
-    "fwd_bwd_ms": "median forward+backward latency, ms",
-    "fwd_bwd_ms_p20": "20th percentile forward+backward latency, ms",
-    "fwd_bwd_ms_p80": "80th percentile forward+backward latency, ms",
-    "fwd_bwd_samples": "timed runs behind fwd_bwd_ms",
-    "fwd_peak_mem_mib": "peak memory of the forward (no grad) above the inputs, MiB",
-    "fwd_bwd_peak_mem_mib": "peak memory of forward+backward above the inputs, MiB",
-    "peak_mem_mib": "peak memory of the measured step: forward+backward if measured, else forward",
-    "first_call_s": "the first forward call, timed apart (includes compilation / autotuning)",
-    "attention_ops": "the attention kernels (ATen / xformers / flex ops) seen running the forward",
-    "note": "a remark on an ok record, e.g. what was not measured and why",
-    "predicted_mem_mib": "the memory model's prediction for the step (the guard's input), MiB",
-    "fwd_tokens_per_s": "batch * seq_len / forward time",
-    "fwd_bwd_tokens_per_s": "batch * seq_len / forward+backward time",
-    "flops_fwd": "analytic forward FLOPs of the measured step",
-    "tflops": "achieved forward TFLOP/s",
-    "fwd_bwd_tflops": "achieved forward+backward TFLOP/s",
-    "mfu": "forward TFLOP/s over the device's dense half-precision peak (when known)",
-    "max_abs_err": "max |output - exact reference| on the same inputs and parameters",
-    "reference": "what max_abs_err compares against",
-    "max_abs_err_vs_full": "a sparse mask's backend: max |output - full attention| (max_abs_err is under its mask)",
-    "metric": "accuracy jobs: the metric's name",
-    "value": "accuracy jobs: the metric's value",
-    "extra": "bench-specific measurements (e.g. xl_eval: both models' per-token times)",
+    "measures": "the bench's fields in this record, each with its meaning",
+    "kinds": "the bench's fields: number, text, list or dict (what a reader may rely on)",
+    "report": "how the report shows the bench's fields (tables, fitted exponents, the summary line)",
     "seed": "random seed",
     "record_version": "the record's layout (RECORD_VERSION); none: version 1",
     "config_hash": "hash of the resolved config, less how it is run and logged: the cell's identity",
@@ -110,10 +89,16 @@ FIELDS = {
 }
 
 
-# The figures a bench measures: in a record that is not ``ok`` (a ``wrong`` one keeps them) they
-# must not be read as results (W&B files them under ``unverified``).
-MEASUREMENTS = tuple(FIELDS)[tuple(FIELDS).index("fwd_ms") : tuple(FIELDS).index("value") + 1]
-# What a reader may rely on a field being, when it is present and not null.
+def measured_fields(record: dict[str, Any]) -> list[str]:
+    """The fields a bench measured in ``record``: in a record that is not ``ok`` (a ``wrong`` one
+    keeps them) they must not be read as results (W&B files them under ``unverified``)."""
+    if record.get("measures"):
+        return list(record["measures"])
+    return [k for k in record if k not in FIELDS and not k.startswith("_")]  # a record not yet upgraded
+
+
+# What a reader may rely on a field being, when it is present and not null: the cell's fields,
+# and the figures pick and the report rank by (in any record, described or not).
 TYPES: dict[str, tuple[type, ...]] = {
     "attention": (str,),
     "bench": (str,),
@@ -131,14 +116,20 @@ TYPES: dict[str, tuple[type, ...]] = {
     "exact": (bool,),
     "reason": (str,),
     "metric": (str,),
-    "extra": (dict,),
-    **{k: (int, float) for k in MEASUREMENTS if k not in ("attention_ops", "note", "reference", "metric")},
+    "measures": (dict,),
+    "kinds": (dict,),
+    "report": (dict,),
+    **dict.fromkeys(("fwd_ms", "fwd_bwd_ms", "fwd_peak_mem_mib", "fwd_bwd_peak_mem_mib", "peak_mem_mib"), (int, float)),
+    **dict.fromkeys(("max_abs_err", "max_abs_err_vs_full", "value", "decode_ms", "prefill_peak_mem_mib"), (int, float)),
 }
+KINDS: dict[str, tuple[type, ...]] = {"number": (int, float), "text": (str,), "list": (list,), "dict": (dict,)}
 
 
 def type_problem(record: dict[str, Any]) -> str | None:
     """The first field whose value is not of the type readers rely on, as a sentence; or None."""
-    for key, types in TYPES.items():
+    kinds = record.get("kinds") if isinstance(record.get("kinds"), dict) else {}
+    expected_types = {**{k: KINDS[kind] for k, kind in kinds.items() if kind in KINDS}, **TYPES}
+    for key, types in expected_types.items():
         value = record.get(key)
         if value is None:
             continue
@@ -154,7 +145,7 @@ def empty_record() -> dict[str, Any]:
 
 def validate(record: dict[str, Any]) -> list[str]:
     """Contract violations of ``record`` (empty when it meets the contract)."""
-    problems = [f"missing field {k!r}" for k in FIELDS if k not in record]
+    problems = [f"missing field {k!r}" for k in [*FIELDS, *(record.get("measures") or {})] if k not in record]
     status = record.get("status")
     if status not in STATUSES:
         problems.append(f"status {status!r} is not one of {', '.join(STATUSES)}")
@@ -309,6 +300,8 @@ def read_record(path: Path) -> dict[str, Any] | None:
     if problem := type_problem(record):
         warnings.warn(f"skipped {path}: {problem}", RecordWarning, stacklevel=2)
         return None
+    if record.get("record_version", 1) < 3:
+        record = legacy.as_version_3(record)
     record["_path"] = str(path)
     return record
 
@@ -360,29 +353,34 @@ def cell_label(record: dict[str, Any]) -> str:
 
 
 def upgrade(record: dict[str, Any]) -> dict[str, Any]:
-    """A version-1 record with what version 2 adds: ``label`` and ``exact``, from the backend's
-    defaults and capabilities in this checkout of the suite (needs torch; the defaults may have
-    changed since the record was measured, so this is done once, on purpose)."""
-    if record.get("record_version", 1) >= RECORD_VERSION:
+    """An older record as the current version writes it: version 2's ``label`` and ``exact``,
+    from the backend's defaults and capabilities in this checkout of the suite (the defaults may
+    have changed since it was measured, so this is done once, on purpose); version 3's field
+    names (``bench/legacy.py``) and its bench's description. Needs torch and the registries."""
+    version = record.get("record_version", 1)
+    if version >= RECORD_VERSION:
         return record
-    from efficient.attention import as_value, get_backend, option_defaults
+    from bench.benches import bench_names, get_bench
+    from efficient.attention import as_value, backend_names, get_backend, option_defaults
 
-    try:
-        backend = get_backend(record["attention"])
-    except KeyError:  # a backend this version of the suite does not have: labelled with every option
-        return {**record, "record_version": RECORD_VERSION, "label": cell_label(record), "exact": False}
-    defaults = {k: as_value(v) for k, v in option_defaults(backend).items()}
-    caps = backend.capabilities
-    return {
-        **record,
-        "record_version": RECORD_VERSION,
-        "label": option_label(record["attention"], record.get("attention_options") or {}, defaults),
-        "exact": caps.exact and not caps.sparse_mask,
-    }
+    record = dict(record)
+    if version < 2:
+        if record["attention"] in backend_names():
+            backend = get_backend(record["attention"])
+            defaults = {k: as_value(v) for k, v in option_defaults(backend).items()}
+            record["label"] = option_label(record["attention"], record.get("attention_options") or {}, defaults)
+            record["exact"] = backend.capabilities.exact and not backend.capabilities.sparse_mask
+        else:  # a backend this version of the suite does not have: labelled with every option
+            record["label"], record["exact"] = cell_label(record), False
+    record = legacy.as_version_3(record)
+    if record["bench"] in bench_names():
+        record.update(get_bench(record["bench"]).result.describe())
+    record["record_version"] = RECORD_VERSION
+    return record
 
 
 def upgrade_folder(root: Path | str) -> int:
-    """Upgrade every version-1 ``result.json`` under ``root`` in place (atomically); returns how many."""
+    """Upgrade every older ``result.json`` under ``root`` in place (atomically); returns how many."""
     count = 0
     paths: Iterable[Path] = [Path(root)] if Path(root).is_file() else sorted(Path(root).rglob(RESULT_FILE))
     for path in paths:
@@ -429,8 +427,8 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(
         prog="python -m bench.records",
-        description="Upgrade version-1 result records "
-        "in place: add the label and exactness that version 2 records carry.",
+        description="Upgrade older result records in "
+        "place to the current layout (label, exactness, each bench's own fields and their description).",
     )
     parser.add_argument("command", choices=["upgrade"])
     parser.add_argument("path", type=Path, help="a folder of result.json files (searched recursively), or one file")

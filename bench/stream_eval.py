@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 from bench import records
 from bench.cell import Cell, language_model
 from bench.tasks.charlm import charlm_data
+from efficient.attention import as_value, get_backend, option_defaults
 from efficient.models import CausalLM
 from efficient.recurrence import evaluate_stream
 
@@ -40,7 +41,7 @@ def load_job(job: Path, device: str = "cpu", task: str = "charlm") -> tuple[dict
     for path in (record_path, weights):
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: JOB_DIR must be a finished {task} accuracy job's folder")
-    record = json.loads(record_path.read_text())
+    record = records.upgrade(json.loads(record_path.read_text()))  # an older job's record in today's layout
     config = record["config"]
     if config["bench"]["name"] != "accuracy" or config["task"]["name"] != task or record["status"] != "ok":
         raise ValueError(
@@ -69,8 +70,11 @@ def evaluate(job: Path, eval_mem_lens: list[int], out: Path | None = None, devic
         derived = copy.deepcopy(record)
         derived["config"]["attention"]["eval_mem_len"] = mem_len
         derived["attention_options"] = {**record["attention_options"], "eval_mem_len": mem_len}
+        defaults = {k: as_value(v) for k, v in option_defaults(get_backend(record["attention"])).items()}
         derived.update(
+            label=records.option_label(record["attention"], derived["attention_options"], defaults),
             value=bpc["test"],
+            best_val=bpc["val"],
             config_hash=records.config_hash(derived["config"]),
             wall_s=time.perf_counter() - started,
             threads=torch.get_num_threads(),
@@ -82,9 +86,8 @@ def evaluate(job: Path, eval_mem_lens: list[int], out: Path | None = None, devic
                 "training figures are that job's"
             ),
         )
-        derived["extra"] = {
-            **record["extra"],
-            "val_bpc": bpc["val"],
+        derived["data"] = {
+            **(record.get("data") or {}),
             "evaluated_from": str(job),
             "trained_config_hash": record["config_hash"],
             "trained_git_sha": record.get("git_sha"),

@@ -15,9 +15,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-from bench.records import MEASUREMENTS, cell_label
+from bench.records import cell_label, measured_fields
 
-SUMMARY_SKIP = {"config", "versions", "traceback", "attention_options"}
+SUMMARY_SKIP = {"config", "versions", "traceback", "attention_options", "measures", "kinds", "report"}
 # How W&B summarises the metrics that jobs log as history (accuracy jobs' learning curves).
 # A speed job logs no history: its record is written to the summary as it is.
 SUMMARIES = {"train_loss": "min", "val_accuracy": "max", "val_bpc": "min"}
@@ -76,7 +76,7 @@ class Tracker:
             and not (isinstance(v, float) and not math.isfinite(v))
         }
         if record.get("status") != "ok":
-            unverified = {k: summary.pop(k) for k in MEASUREMENTS if k in summary}
+            unverified = {k: summary.pop(k) for k in measured_fields(record) if k in summary}
             if unverified:
                 summary["unverified"] = unverified
         try:
@@ -97,7 +97,7 @@ def log_sweep_table(cfg, rows: list[dict[str, Any]], sweep_dir: Path) -> None:
     try:
         import wandb
 
-        columns = [k for k in rows[0] if k not in SUMMARY_SKIP and k != "extra" and not k.startswith("_")]
+        columns = [k for k in rows[0] if k not in SUMMARY_SKIP and not k.startswith("_")]
         table = wandb.Table(
             columns=["cell", *columns], data=[[run_name(r), *[table_value(r.get(k)) for k in columns]] for r in rows]
         )

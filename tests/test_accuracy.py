@@ -199,14 +199,14 @@ def test_lras_files_load_with_the_documented_seq_len_2000(tmp_path):
         output_dir=tmp_path,
     )
     assert record["status"] == "ok", record["reason"]
-    assert record["extra"]["n_train"] == 6 and not any(k.endswith("_truncated") for k in record["extra"])
+    assert record["data"]["n_train"] == 6 and not any(k.endswith("_truncated") for k in record["data"])
     (tmp_path / "cut").mkdir()
     cut = run_job(
         compose(*TINY, f"task.data_dir={lra}", "seq_len=600", "batch_size=2", "bench.steps=2", "bench.eval_every=2"),
         output_dir=tmp_path / "cut",
     )
     assert cut["status"] == "ok", cut["reason"]
-    assert cut["extra"]["n_train_truncated"] == sum(listops.length(r) > 600 for r in rows) > 0
+    assert cut["data"]["n_train_truncated"] == sum(listops.length(r) > 600 for r in rows) > 0
 
 
 def test_warmup_then_cosine_decay():
@@ -256,8 +256,8 @@ def test_training_reduces_loss_and_records_the_test_accuracy(tmp_path):
     cfg = compose(*TINY, "bench.steps=60", "bench.eval_every=30")
     result = run_accuracy(Cell.of(cfg), tracker=Recorder(), output_dir=tmp_path)
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
-    assert result["metric"] == "test_accuracy" and 0.0 <= result["value"] <= 1.0
-    assert result["extra"]["steps"] == 60 and (tmp_path / "best.pt").exists()
+    assert result.metric == "test_accuracy" and 0.0 <= result.value <= 1.0
+    assert result.steps == 60 and (tmp_path / "best.pt").exists()
     torch.load(tmp_path / "best.pt", weights_only=True)  # weights only: loads safely
 
 
@@ -359,7 +359,7 @@ RECALL = [
 
 def test_recall_trains_a_causal_lm(tmp_path):
     result = run_accuracy(Cell.of(compose(*RECALL, "bench.steps=20", "bench.eval_every=10")), output_dir=tmp_path)
-    assert result["metric"] == "test_accuracy" and 0.0 <= result["value"] <= 1.0
+    assert result.metric == "test_accuracy" and 0.0 <= result.value <= 1.0
 
 
 def test_a_backend_that_cannot_do_the_task_is_unsupported(tmp_path):
@@ -447,7 +447,7 @@ def test_charlm_records_bits_per_character_and_a_missing_file(tmp_path):
 
     record = run_job(compose(*CHARLM, "bench.steps=10", "bench.eval_every=10"), output_dir=tmp_path)
     assert record["status"] == "ok" and validate(record) == [] and record["metric"] == "test_bpc"
-    assert 0 < record["value"] < 8.5 and record["extra"]["corpus"].startswith("pydoc_data.topics")
+    assert 0 < record["value"] < 8.5 and record["data"]["corpus"].startswith("pydoc_data.topics")
     missing = run_job(compose(*CHARLM, f"task.data_path={tmp_path}/enwik8"), output_dir=tmp_path)
     assert (
         missing["status"] == "error" and f"{tmp_path}/enwik8 does not exist: expected a raw byte" in missing["reason"]

@@ -11,6 +11,7 @@ from efficient.attention import Setting, get_backend
 SMALL = ["model.d_model=64", "model.n_heads=2", "bench.repeats=2", "bench.warmup=1"]
 
 
+@pytest.mark.slow
 def test_sweep_writes_ok_records_and_offline_wandb_runs(tmp_path):
     out = run_cli("-m", "attention=full", "seq_len=64,128", *SMALL, cwd=tmp_path, env={"WANDB_MODE": "offline"})
     assert out.returncode == 0, out.stderr

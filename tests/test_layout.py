@@ -12,10 +12,14 @@ import pytest
 from conftest import ROOT, compose
 
 import bench.config
+from bench import records
+from bench.analysis import report
 from bench.benches import BENCHES, Bench, bench_names, get_bench, register_bench
 from bench.harness import run_job
+from bench.results import Result, measured
 from bench.tasks import get_task, task_names
 from efficient.bounds import Bound
+from run import summary_line
 
 
 def module_name(path: Path) -> str:
@@ -69,13 +73,15 @@ def test_no_module_imports_another_modules_private_names():
 
 
 def test_the_analysis_side_reads_records_and_never_measures():
-    """bench.analysis imports only itself and bench.records; the measuring side never imports it,
+    """bench.analysis imports only itself, bench.records and bench.results (what a record is and
+    says of itself; torch-free, as the analysis is); the measuring side never imports it,
     except the end-of-sweep callback that writes the report, and the commands' short names."""
     graph = bench_imports()
     for module, edges in graph.items():
         targets = {t for t, _ in edges}
         if module.startswith("bench.analysis"):
-            assert targets <= {t for t in graph if t.startswith("bench.analysis")} | {"bench.records"}, module
+            readable = {"bench.records", "bench.results"}
+            assert targets <= {t for t in graph if t.startswith("bench.analysis")} | readable, module
         elif module not in ("bench.callbacks", "bench.report", "bench.pick", "bench.dashboard"):
             assert not any(t.startswith("bench.analysis") for t in targets), module
 
@@ -92,14 +98,26 @@ class ProbeBenchConfig:
     scale: float = 2.0
 
 
-def run_probe(cell, **context) -> dict:
-    return {"metric": "scaled_length", "value": cell.seq_len * cell.bench.scale}
+@dataclass(frozen=True, kw_only=True)
+class ProbeResult(Result):
+    TABLE = "Scaled lengths (bench=probe)"
+
+    scaled_length: float = measured(
+        "seq_len x bench.scale", pivot="Scaled length", column="scaled", fmt=",.1f", headline="scaled to {:,.1f}"
+    )
+    words: str = measured("a remark about the length", column="in words")
+
+
+def run_probe(cell, **context) -> ProbeResult:
+    return ProbeResult(scaled_length=cell.seq_len * cell.bench.scale, words=f"{cell.seq_len} tokens")
 
 
 @pytest.fixture
 def probe_bench():
     """The probe bench, registered for one test and removed after it (the registry is global)."""
-    register_bench(Bench("probe", ProbeBenchConfig, run_probe, exclusive=False, bounds={"scale": Bound(0, open=True)}))
+    register_bench(
+        Bench("probe", ProbeBenchConfig, run_probe, ProbeResult, exclusive=False, bounds={"scale": Bound(0, open=True)})
+    )
     bench.config.register()
     yield
     BENCHES.unregister("probe")
@@ -107,7 +125,9 @@ def probe_bench():
 
 def test_a_new_bench_is_one_registration_and_one_yaml(tmp_path, probe_bench):
     """A bench from outside the package: registered, given a yaml on Hydra's search path, it is
-    composed, its bounds checked, and run by the harness into an ok record; nothing else is edited."""
+    composed, its bounds checked, and run by the harness into an ok record that describes itself:
+    the report draws its tables, the CSV has its columns and the summary line its headline, with
+    no line of the report, records or run.py naming it."""
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "probe.yaml").write_text(
         "defaults:\n  - /schema/bench/probe@_here_\n  - _self_\n\nname: probe\n"
@@ -116,7 +136,14 @@ def test_a_new_bench_is_one_registration_and_one_yaml(tmp_path, probe_bench):
     cfg = compose("bench=probe", "seq_len=16", "device=cpu", search)
     assert bench.config.value_problems(cfg) == []
     record = run_job(cfg)
-    assert (record["status"], record["metric"], record["value"]) == ("ok", "scaled_length", 32.0)
+    assert (record["status"], record["scaled_length"], record["words"]) == ("ok", 32.0, "16 tokens")
+    assert records.validate(record) == [] and record["measures"]["scaled_length"] == "seq_len x bench.scale"
+    text = report.markdown([record, run_job(compose("bench=probe", "seq_len=64", search))])
+    assert "**Scaled length**" in text and "| full | 32.0 | 128.0 |" in text
+    assert "**Scaled lengths (bench=probe)**" in text and "| full | 64 | 128.0 | 64 tokens |" in text
+    report.write_csv([record], tmp_path / "r.csv")
+    assert "scaled_length,words" in (tmp_path / "r.csv").read_text().splitlines()[0]
+    assert summary_line(record).endswith("ok: scaled to 32.0")
     bad = compose("bench=probe", "bench.scale=0", search)
     assert bench.config.value_problems(bad) == ["bench.scale=0.0 is out of range: bench.scale must be > 0"]
 

@@ -105,7 +105,10 @@ def test_the_tolerance_is_relative_to_the_output_scale_and_lives_with_the_backen
 
 
 def wrong_and_ok(n, wrong_ms):
+    from bench.benches.speed import SpeedResult
+
     base = {
+        **SpeedResult.describe(),
         "bench": "speed",
         "attention_options": {},
         "exact": True,

@@ -57,6 +57,7 @@ def a_record(**fields) -> dict:
 
 
 # -- lost or overwritten records ----------------------------------------------------------------
+@pytest.mark.slow
 def test_two_sweeps_differing_only_in_causal_keep_both_records(tmp_path):
     first = run_cli("-m", *CHEAP, cwd=tmp_path)
     second = run_cli("-m", *CHEAP, "causal=true", "resume=true", cwd=tmp_path)
@@ -73,6 +74,7 @@ def test_two_cells_sent_to_one_folder_are_both_kept(tmp_path):
     assert sorted(r["config_hash"] for r in records.load_records(tmp_path)) == ["aaaa", "bbbb"]
 
 
+@pytest.mark.slow
 def test_two_runs_with_one_run_dir_keep_both_records(tmp_path):
     for extra in ("causal=false", "causal=true"):  # run_cli gives every run hydra.run.dir=<tmp>/run
         out = run_cli(*CHEAP, extra, cwd=tmp_path)
@@ -102,6 +104,7 @@ def place_many(folder: str, first: int) -> None:
         records.place(folder, a_record(config_hash=f"h{i:03d}"))
 
 
+@pytest.mark.slow
 def test_concurrent_writers_into_one_folder_lose_no_record(tmp_path):
     context = multiprocessing.get_context("spawn")
     writers = [context.Process(target=place_many, args=(str(tmp_path), 10 * w)) for w in range(4)]
@@ -167,6 +170,7 @@ def test_a_bad_result_file_is_skipped_with_a_warning_that_names_it(tmp_path, con
     assert [r["_path"] for r in found] == [str(good)]
 
 
+@pytest.mark.slow
 def test_resume_report_and_pick_go_on_past_a_truncated_record(tmp_path):
     cells = ["-m", *CHEAP[:1], "seq_len=32,64", *CHEAP[2:]]
     assert run_cli(*cells, cwd=tmp_path).returncode == 0

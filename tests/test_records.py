@@ -100,25 +100,54 @@ def test_report_tables_and_csv(tmp_path):
     assert (tmp_path / "r.md").read_text() == text
 
 
+SELF_DESCRIPTION = ("record_version", "label", "exact", "measures", "kinds", "report")
+
+
 def test_a_record_describes_itself_and_an_upgraded_version_1_record_matches():
-    """Label and exactness are written when measuring; ``upgrade`` gives a version-1 record the same."""
+    """Label, exactness and the bench's fields are described when measuring; ``upgrade`` gives a
+    version-1 record of the same cell the same description."""
     flash = speed_record("attention=sdpa", "attention.kernel=math")
     approximate = speed_record("attention=performer")
-    assert (flash["record_version"], flash["label"], flash["exact"]) == (2, "sdpa[kernel=math]", True)
+    assert (flash["record_version"], flash["label"], flash["exact"]) == (3, "sdpa[kernel=math]", True)
     assert (approximate["label"], approximate["exact"]) == ("performer", False)
+    assert flash["measures"]["fwd_ms"].startswith("median forward latency") and flash["kinds"]["fwd_ms"] == "number"
     for measured in (flash, approximate):
-        old = {k: v for k, v in measured.items() if k not in ("record_version", "label", "exact")}
-        assert {k: records.upgrade(old)[k] for k in ("label", "exact")} == {k: measured[k] for k in ("label", "exact")}
+        old = {k: v for k, v in measured.items() if k not in SELF_DESCRIPTION}
+        upgraded = records.upgrade(old)
+        assert {k: upgraded[k] for k in SELF_DESCRIPTION} == {k: measured[k] for k in SELF_DESCRIPTION}
 
 
-def test_upgrade_rewrites_only_version_1_records(tmp_path):
-    current = speed_record()
-    old = {k: v for k, v in current.items() if k not in ("record_version", "label", "exact")}
-    records.write_atomic(tmp_path / "new" / "result.json", current)
-    records.write_atomic(tmp_path / "old" / "result.json", old)
+def old_decode_record() -> dict:
+    """A decode record as version 2 wrote it: fwd_ms was the decode step, value the bandwidth fraction."""
+    return {
+        "record_version": 2, "attention": "sdpa", "label": "sdpa", "exact": True, "bench": "decode", "status": "ok",
+        "seq_len": 1024, "dtype": "float32", "device": "cpu", "config_hash": "cafe", "fwd_ms": 4.0,
+        "fwd_tokens_per_s": 250.0, "peak_mem_mib": 60.0, "metric": "bandwidth_fraction", "value": 0.25,
+        "attention_ops": ["aten::_scaled_dot_product_flash_attention_for_cpu"], "note": "fwd_ms: one decode step",
+        "extra": {"prefill_ms": 300.0, "prefill_peak_mem_mib": 60.0, "decode_ms": 4.0, "decode_tokens": 32,
+                  "cache_mib": 8.0, "achieved_gbs": 6.0, "peak_gbs": 24.0, "peak_source": "copy"},
+    }  # fmt: skip
+
+
+def test_an_older_record_reads_with_today_s_names_and_upgrade_rewrites_it(tmp_path):
+    """A version-2 decode record is read with version 3's names (no torch needed); ``upgrade``
+    rewrites it once, with its bench's description; a current record is left alone."""
+    records.write_atomic(tmp_path / "old" / "result.json", old_decode_record())
+    records.write_atomic(tmp_path / "new" / "result.json", speed_record())
+    (read,) = records.load_records(tmp_path / "old")
+    assert (read["decode_ms"], read["bandwidth_fraction"], read["prefill_ms"], read["decode_samples"]) == (
+        4,
+        0.25,
+        300,
+        32,
+    )
+    assert read["decode_ops"] == ["aten::_scaled_dot_product_flash_attention_for_cpu"] and read["cache_mib"] == 8
+    assert not {"fwd_ms", "value", "metric", "extra", "peak_mem_mib", "note"} & set(read)
     assert records.upgrade_folder(tmp_path) == 1
     upgraded = json.loads((tmp_path / "old" / "result.json").read_text())
-    assert (upgraded["record_version"], upgraded["label"], upgraded["exact"]) == (2, "full", True)
+    assert upgraded["record_version"] == 3 and upgraded["decode_ms"] == 4.0
+    assert set(upgraded["measures"]) >= {"decode_ms", "bandwidth_fraction", "prefill_ms"}
+    assert "| sdpa | 1,024 | 4 |" in report.markdown(records.load_records(tmp_path / "old"))
     assert records.upgrade_folder(tmp_path) == 0
 
 
@@ -156,8 +185,11 @@ def test_report_compares_two_folders_cell_by_cell(tmp_path, capsys):
     """--compare: the cells both folders hold, side by side with B / A; a cell that did not run
     in one shows its status; cells in one folder only are counted."""
 
+    from bench.benches.speed import SpeedResult
+
     def record(n, ms, machine, status="ok"):
         return {
+            **SpeedResult.describe(),
             "attention": "sdpa",
             "label": "sdpa",
             "bench": "speed",

@@ -361,7 +361,9 @@ def test_lra_table_puts_listops_accuracy_beside_lra_s_table_1():
             "metric": "test_accuracy",
             "value": accuracy,
             "peak_mem_mib": 200.0,
-            "extra": {"best_val_accuracy": accuracy + 0.01, "best_step": 600, "train_seconds": 600.0},
+            "best_val": accuracy + 0.01,
+            "best_step": 600,
+            "train_seconds": 600.0,
         }
 
     rows = listops_table(

@@ -83,6 +83,7 @@ def test_every_summary_is_of_a_metric_some_job_logs():
     assert set(tracking.SUMMARIES) == history
 
 
+@pytest.mark.slow
 def test_offline_sweep_runs_carry_group_name_tags_and_summary(tmp_path):
     sweep = tmp_path / "grp-attention-7f3a"
     cmd = [

@@ -437,7 +437,7 @@ def test_stream_eval_rescores_a_finished_charlm_job_at_other_memories(tmp_path, 
     by_memory = {r["attention_options"]["eval_mem_len"]: r for r in derived}
     assert by_memory[16]["value"] == pytest.approx(record["value"], rel=1e-9)
     assert len({r["value"] for r in derived}) == 3 and len({r["config_hash"] for r in derived}) == 3
-    assert all(validate(r) == [] and r["extra"]["val_bpc"] > 0 and r["extra"]["steps"] == 6 for r in derived)
+    assert all(validate(r) == [] and r["best_val"] > 0 and r["steps"] == 6 for r in derived)
     (job / "best.pt").unlink()
     with pytest.raises(FileNotFoundError, match="best.pt does not exist"):
         evaluate(job, [16])
@@ -479,3 +479,21 @@ def test_recall_probe_splits_every_queried_keys_attention_into_regions(tmp_path,
     assert mass.shape == (2, 2, 7) and torch.allclose(mass[..., :6].sum(-1), torch.ones(2, 2), atol=1e-5)
     assert all(b.attention.last_probs is None for b in model.encoder.blocks)
     assert "| 1.1 |" in probe(tmp_path, examples=16)
+
+
+def test_bench_xl_eval_times_xl_against_a_vanilla_window(tmp_path):
+    """bench=xl_eval: XL with a memory of A - tgt_len against a vanilla model recomputing the
+    window of A per token; the record says both per-token times and their ratio, and refuses
+    another backend with its reason."""
+    from conftest import compose
+
+    from bench.harness import run_job
+
+    cell = ("bench=xl_eval", "causal=true", "seq_len=48", "bench.tgt_len=16", "model.d_model=32", "model.n_heads=2")
+    record = run_job(compose("attention=xl", *cell))
+    assert record["status"] == "ok", record["reason"]
+    assert (record["tgt_len"], record["mem_len"], record["paper_speedup"]) == (16, 32, None)
+    assert record["xl_ms_per_token"] == pytest.approx(record["xl_segment_ms"] / 16)
+    assert record["speedup_per_token"] == pytest.approx(record["vanilla_ms_per_token"] / record["xl_ms_per_token"])
+    refused = run_job(compose("attention=full", *cell))
+    assert refused["status"] == "unsupported" and "takes attention=xl" in refused["reason"]

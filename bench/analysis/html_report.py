@@ -111,12 +111,12 @@ def throughput_figure(rows, varying, colours) -> bytes:
 def decode_figure(rows, varying, colours) -> bytes | None:
     """bench=decode: the latency of one decoded token, and the fraction of the device's
     bandwidth it achieves, against the cache length."""
-    latency = series(rows, "fwd_ms", varying, bench="decode")
+    latency = series(rows, "decode_ms", varying, bench="decode")
     if not latency:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     loglog_panel(axes[0], latency, "ms per token (median)", "Decode step against a KV cache of n tokens", colours)
-    for name, points in series(rows, "value", varying, bench="decode").items():
+    for name, points in series(rows, "bandwidth_fraction", varying, bench="decode").items():
         ns, values = zip(*points)
         axes[1].plot(ns, values, marker="o", label=name, color=colours[name])
     axes[1].set_xscale("log", base=2)

@@ -126,11 +126,10 @@ def listops_table(records: list[dict]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        extra = r.get("extra") or {}
         published = f"{LRA_LISTOPS[r['attention']]:.2f}%" if r["attention"] in LRA_LISTOPS else "no row"
         lines.append(
-            f"| {options_label(r)} | {100 * r['value']:.1f}% | {100 * extra.get('best_val_accuracy', 0):.1f}% "
-            f"({extra.get('best_step', '-')}) | {extra.get('train_seconds', 0) / 60:.1f} | "
+            f"| {options_label(r)} | {100 * r['value']:.1f}% | {100 * (r.get('best_val') or 0):.1f}% "
+            f"({r.get('best_step') or '-'}) | {(r.get('train_seconds') or 0) / 60:.1f} | "
             f"{r.get('peak_mem_mib') or 0:,.0f} | {published} |"
         )
     return "\n".join(lines)

@@ -147,8 +147,8 @@ def pick(
         "memory_budget_gib": memory_budget_gib,
         **dict(zip(CELL_SETTINGS, cell or ())),
     }
-    time_field = "fwd_ms" if inference or decode else "fwd_bwd_ms"
-    memory_field = "peak_mem_mib" if decode else "fwd_peak_mem_mib" if inference else "fwd_bwd_peak_mem_mib"
+    time_field = "decode_ms" if decode else "fwd_ms" if inference else "fwd_bwd_ms"
+    memory_field = "prefill_peak_mem_mib" if decode else "fwd_peak_mem_mib" if inference else "fwd_bwd_peak_mem_mib"
 
     by_backend: dict[str, list[dict]] = defaultdict(list)
     for r in matching:

@@ -14,68 +14,65 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.analysis.common import SETTINGS, fit_power_law, label, setting, varying_settings
-from bench.records import FIELDS, load_records
-
-# (record field, table title, format)
-QUANTITIES: list[tuple[str, str, Callable[[float], str]]] = [
-    ("fwd_ms", "Forward latency, ms (median)", lambda v: f"{v:.3g}"),
-    ("fwd_bwd_ms", "Forward+backward latency, ms (median)", lambda v: f"{v:.3g}"),
-    ("peak_mem_mib", "Peak memory above inputs, MiB (forward+backward)", lambda v: f"{v:.4g}"),
-    ("fwd_peak_mem_mib", "Peak memory above inputs, MiB (forward, no grad)", lambda v: f"{v:.4g}"),
-    ("tflops", "Achieved forward TFLOP/s", lambda v: f"{v:.3g}"),
-    ("max_abs_err", "Max abs error against the exact reference", lambda v: f"{v:.1e}"),
-    ("max_abs_err_vs_full", "Max abs error of a sparse mask against full attention", lambda v: f"{v:.1e}"),
-    ("value", "Metric value (the record's `metric`)", lambda v: f"{v:.4g}"),
-]
+from bench.records import FIELDS, load_records, measured_fields
+from bench.results import formatted
 
 
-def pivot(rows, field, fmt, varying) -> tuple[list[int], dict[str, dict[int, str]]]:
+def pivot(rows, field, fmt: str, varying) -> tuple[list[int], dict[str, dict[int, str]]]:
     """label -> seq_len -> cell text (the value, or the status when not ok)."""
     lengths = sorted({r["seq_len"] for r in rows})
     table: dict[str, dict[int, str]] = defaultdict(dict)
     for r in sorted(rows, key=lambda r: (label(r, varying), r["seq_len"])):
-        value = r.get(field)
-        if r["status"] != "ok":
-            text = r["status"]
-        elif value is None:
-            text = "-"
-        else:
-            text = fmt(value)
-        table[label(r, varying)][r["seq_len"]] = text
+        table[label(r, varying)][r["seq_len"]] = r["status"] if r["status"] != "ok" else formatted(r.get(field), fmt)
     return lengths, table
 
 
+def description(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """How records of one bench are shown (their ``report``): the newest record's, or None when
+    none describes itself (records written before version 3 and not upgraded)."""
+    described = [r for r in rows if isinstance(r.get("report"), dict)]
+    return max(described, key=lambda r: r.get("record_version") or 0)["report"] if described else None
+
+
+def by_bench(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in sorted(rows, key=lambda r: str(r.get("bench"))):
+        groups[str(r.get("bench"))].append(r)
+    return groups
+
+
 def markdown(rows: list[dict[str, Any]], baseline: str | None = None) -> str:
+    """Each bench's tables as its records describe them (``bench/results.py``), then the fitted
+    exponents, the baseline ratios, the notes, and every cell that did not run."""
     varying = varying_settings(rows)
     fixed = [f"{k}={setting(rows[0], k)}" for k in SETTINGS if k not in varying]
     devices = sorted({str(r.get("device_name")) for r in rows if r.get("device_name")})
     out = [f"Settings: {', '.join(fixed)}" + (f"; measured on {'; '.join(devices)}" if devices else ""), ""]
-    searches = [r for r in rows if r.get("bench") == "maxlen"]
-    decoding = [r for r in rows if r.get("bench") == "decode"]
-    measured = [r for r in rows if r.get("bench") not in ("maxlen", "decode")]
-    for field, title, fmt in QUANTITIES:
-        if not any(r.get(field) is not None for r in measured):
+    for bench, records in by_bench(rows).items():
+        spec = description(records)
+        if spec is None:
+            out += [
+                f"({len(records)} records of bench={bench} predate records that describe their fields: "
+                "`python -m bench.records upgrade PATH` rewrites them)",
+                "",
+            ]
             continue
-        lengths, table = pivot(measured, field, fmt, varying)
-        out += [f"**{title}**", ""]
-        out.append("| backend | " + " | ".join(f"n={n}" for n in lengths) + " |")
-        out.append("|---|" + "---:|" * len(lengths))
-        for name, cells in table.items():
-            out.append(f"| {name} | " + " | ".join(cells.get(n, "") for n in lengths) + " |")
-        out.append("")
-    out += maxlen_table(searches, varying)
-    out += decode_table(decoding, varying)
-    out += scaling_table(measured, varying)
+        for field, title, fmt in spec["pivot"]:
+            if any(r.get(field) is not None for r in records):
+                out += pivot_table(records, field, title, fmt, varying)
+        out += bench_table(records, spec["table"], varying)
+    out += scaling_table(rows, varying)
     if baseline:
         out += baseline_tables(rows, baseline, varying)
-    notes = sorted({f"- {label(r, varying)}: {r['note']}" for r in measured + searches if r.get("note")})
+    notes = sorted({f"- {label(r, varying)}: {r['note']}" for r in rows if r["status"] == "ok" and r.get("note")})
     if notes:
         out += ["**Notes**", "", *notes, ""]
     failed = [r for r in rows if r["status"] != "ok"]
@@ -91,68 +88,43 @@ def markdown(rows: list[dict[str, Any]], baseline: str | None = None) -> str:
     return "\n".join(out)
 
 
-def maxlen_table(searches: list[dict[str, Any]], varying: tuple[str, ...]) -> list[str]:
-    """The longest length that fits, per backend (bench=maxlen records)."""
-    found = [r for r in searches if r["status"] == "ok"]
-    if not found:
-        return []
-    out = [
-        "**Longest length that fits the memory budget (bench=maxlen)**",
-        "",
-        "| backend | longest n | first n that does not fit | budget GiB | peak MiB at longest | how |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
-    for r in sorted(found, key=lambda r: -r["value"]):
-        extra = r.get("extra") or {}
-        peak = max(
-            (t["peak_mib"] for t in extra.get("tried", []) if t["seq_len"] == r["value"] and t["peak_mib"]),
-            default=None,
-        )
-        how = "measured (ran the step)" if extra.get("method") == "measure" else "predicted (memory guard)"
-        out.append(
-            f"| {label(r, varying)} | {r['value']:,} | {extra.get('first_failing') or 'none tried':,} | "
-            f"{extra.get('budget_gib', 0):.3g} | {'-' if peak is None else f'{peak:,.0f}'} | {how} |"
-        )
+def pivot_table(rows, field: str, title: str, fmt: str, varying) -> list[str]:
+    """backend x length: a quantity per cell (a cell that did not run: its status)."""
+    lengths, table = pivot(rows, field, fmt, varying)
+    out = [f"**{title}**", "", "| backend | " + " | ".join(f"n={n}" for n in lengths) + " |"]
+    out.append("|---|" + "---:|" * len(lengths))
+    out += [f"| {name} | " + " | ".join(cells.get(n, "") for n in lengths) + " |" for name, cells in table.items()]
     return out + [""]
 
 
-def decode_table(rows: list[dict[str, Any]], varying: tuple[str, ...]) -> list[str]:
-    """Per-token decoding against a KV cache of n tokens (bench=decode records)."""
+def bench_table(rows, table: dict[str, Any], varying) -> list[str]:
+    """The bench's own table: one row per ok cell, its ``columns`` (field, header, format)."""
     found = [r for r in rows if r["status"] == "ok"]
-    if not found:
+    columns = table.get("columns") or []
+    if not found or not columns:
         return []
-    peaks = sorted({f"{r['extra']['peak_source']}: {r['extra']['peak_gbs']:,.1f} GB/s" for r in found})
-    out = [
-        "**Decoding: one token against a KV cache of n tokens (bench=decode)**",
-        "",
-        f"Bandwidth peak: {'; '.join(peaks)}. A step reads every weight once and, of its state (`cache MiB`), "
-        "what its query sees: a KV cache whole, a sparse mask's key blocks, a fixed-size state.",
-        "",
-        "| backend | n | ms/token | tokens/s | cache MiB | GB/s | of peak | prefill s | prefill peak MiB "
-        "| decode kernel |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
+    out = [f"**{table.get('title') or 'Measured'}**", ""]
+    out.append("| backend | n | " + " | ".join(header for _, header, _ in columns) + " |")
+    kinds = found[0].get("kinds") or {}
+    out.append("|---|---:|" + "".join("---:|" if kinds.get(field) == "number" else "---|" for field, _, _ in columns))
     for r in sorted(found, key=lambda r: (label(r, varying), r["seq_len"])):
-        x = r["extra"]
-        kernel = ", ".join(op.removeprefix("aten::") for op in r.get("attention_ops") or []) or "-"
-        out.append(
-            f"| {label(r, varying)} | {r['seq_len']:,} | {r['fwd_ms']:.3g} | {r['fwd_tokens_per_s']:,.0f} | "
-            f"{x['cache_mib']:,.4g} | {x['achieved_gbs']:.3g} | {r['value']:.0%} | "
-            f"{x['prefill_ms'] / 1e3:.3g} | {x['prefill_peak_mem_mib']:,.4g} | {kernel} |"
-        )
+        cells = " | ".join(formatted(r.get(field), fmt) for field, _, fmt in columns)
+        out.append(f"| {label(r, varying)} | {r['seq_len']:,} | {cells} |")
     return out + [""]
 
 
-SCALING = [
-    ("fwd_ms", "forward time"),
-    ("fwd_bwd_ms", "fwd+bwd time"),
-    ("fwd_peak_mem_mib", "forward memory"),
-    ("peak_mem_mib", "fwd+bwd memory"),
-]
+def marked(rows: list[dict[str, Any]], key: str) -> list[tuple[str, str]]:
+    """(field, name) of every field the records' descriptions list under ``key`` (scaling, ratio)."""
+    found: dict[str, str] = {}
+    for r in rows:
+        for field, name, _ in (r.get("report") or {}).get(key, []):
+            found.setdefault(field, name)
+    return list(found.items())
 
 
 def scaling_table(rows: list[dict[str, Any]], varying: tuple[str, ...]) -> list[str]:
     """Fitted exponents k of value ~ n^k per backend, over its ok cells (3 lengths or more)."""
+    scaling = marked(rows, "scaling")
     by_label: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         if r["status"] == "ok":
@@ -160,7 +132,7 @@ def scaling_table(rows: list[dict[str, Any]], varying: tuple[str, ...]) -> list[
     out = []
     for name, cells in sorted(by_label.items()):
         fits = []
-        for field, _ in SCALING:
+        for field, _ in scaling:
             points = sorted((r["seq_len"], r[field]) for r in cells if r.get(field))
             if len(points) < 3:
                 fits.append("-")
@@ -172,23 +144,15 @@ def scaling_table(rows: list[dict[str, Any]], varying: tuple[str, ...]) -> list[
             out.append(f"| {name} | {lengths[0]}-{lengths[-1]} | " + " | ".join(fits) + " |")
     if not out:
         return []
-    header = "| backend | lengths | " + " | ".join(t for _, t in SCALING) + " |"
+    header = "| backend | lengths | " + " | ".join(t for _, t in scaling) + " |"
     return [
         "**Fitted exponent k in value ~ n^k (log-log least squares; ± = residual spread)**",
         "",
         header,
-        "|---|---|" + "---:|" * len(SCALING),
+        "|---|---|" + "---:|" * len(scaling),
         *out,
         "",
     ]
-
-
-RATIOS = [
-    ("fwd_ms", "forward time"),
-    ("fwd_peak_mem_mib", "forward memory"),
-    ("fwd_bwd_ms", "fwd+bwd time"),
-    ("peak_mem_mib", "fwd+bwd memory"),
-]
 
 
 def baseline_tables(rows: list[dict[str, Any]], baseline: str, varying: tuple[str, ...]) -> list[str]:
@@ -198,7 +162,7 @@ def baseline_tables(rows: list[dict[str, Any]], baseline: str, varying: tuple[st
     if not base:
         return [f"(no ok records of the baseline {baseline!r}: nothing to compare against)", ""]
     out = []
-    for field, title in RATIOS:
+    for field, title in marked(rows, "ratio"):
         lengths = sorted({n for n, r in base.items() if r.get(field)})
         table = defaultdict(dict)
         for r in ok:
@@ -220,13 +184,18 @@ def baseline_tables(rows: list[dict[str, Any]], baseline: str, varying: tuple[st
     return out
 
 
-COMPARED = [
-    ("fwd_ms", "Forward latency, ms"),
-    ("fwd_bwd_ms", "Forward+backward latency, ms"),
-    ("fwd_peak_mem_mib", "Peak memory (forward), MiB"),
-    ("peak_mem_mib", "Peak memory of the step, MiB"),
-    ("value", "Metric value"),
-]
+def compared(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(field, title) of the quantities two folders are compared by: every field the records'
+    descriptions give a table of its own, then the numeric columns of the benches' tables."""
+    fields = dict(marked(rows, "pivot"))
+    for r in rows:
+        kinds = r.get("kinds") or {}
+        for field, header, _ in ((r.get("report") or {}).get("table") or {}).get("columns", []):
+            if kinds.get(field) == "number":
+                fields.setdefault(field, f"{header} ({r['bench']})")
+    return list(fields.items())
+
+
 # What makes two records the same cell across two folders (the machine and the commit may differ).
 CELL_KEY = ("label", "seq_len", *SETTINGS)
 
@@ -273,7 +242,7 @@ def compare_markdown(rows: list[dict[str, Any]], others: list[dict[str, Any]], n
             return f"{value:.4g}"
         return "/".join(sorted({r["status"] for r in records if r["status"] != "ok"})) or "-"
 
-    for field, title in COMPARED:
+    for field, title in compared([r for k in shared for r in mine[k] + theirs[k]]):
         lines = []
         for key in shared:
             a, b = figure(mine[key], field), figure(theirs[key], field)
@@ -297,12 +266,16 @@ def compare_markdown(rows: list[dict[str, Any]], others: list[dict[str, Any]], n
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path | str) -> None:
-    columns = [k for k in FIELDS if k not in ("config", "versions", "traceback")]
+    """One row per record: the cell's fields, then every bench's measured fields (lists and
+    dicts as JSON); descriptions, configs and tracebacks are left to the record files."""
+    left_out = ("config", "versions", "traceback", "measures", "kinds", "report")
+    columns = [k for k in FIELDS if k not in left_out]
+    columns += list(dict.fromkeys(k for r in rows for k in measured_fields(r) if k not in columns))
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: r.get(k) for k in columns})
+            writer.writerow({k: json.dumps(v) if isinstance(v := r.get(k), (list, dict)) else v for k in columns})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from bench import measure, records
 from bench.benches import Bench, register_bench
 from bench.cell import Cell, build_model
+from bench.results import Result, measured
 from bench.tasks import get_task, task_names
 from efficient.attention import Unsupported
 from efficient.bounds import Bound
@@ -79,7 +80,34 @@ def learning_rate(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def run_accuracy(cell: Cell, tracker=None, output_dir: Path | None = None) -> dict:
+@dataclass(frozen=True, kw_only=True)
+class AccuracyResult(Result):
+    """A model trained on the task with the cell's attention, then scored on its test split."""
+
+    TABLE = "Training and test (bench=accuracy)"
+
+    metric: str = measured("the test metric's name: test_accuracy, test_bpc, ...", column="metric")
+    value: float = measured(
+        "the test metric on the best weights on validation",
+        pivot="Test metric (the record's metric)",
+        column="test",
+        headline="{record[metric]} {0:.4g}",
+    )
+    best_val: float = measured("the best validation score of the same metric", column="best validation")
+    best_step: int = measured(
+        "the step of the best validation score (its weights are tested)", column="at step", fmt=","
+    )
+    steps: int = measured("training steps taken", column="steps", fmt=",")
+    resumed_from_step: int = measured("the step the job resumed from (0: it started afresh)")
+    train_seconds: float = measured("training time, s", column="training s", fmt=",.0f")
+    fwd_bwd_tokens_per_s: float = measured("real (unpadded) tokens trained on per second")
+    peak_mem_mib: float = measured(
+        "peak memory of one training step above the inputs, MiB", column="peak MiB", fmt=",.0f"
+    )
+    data: dict = measured("what the task read: its source, splits, truncation")
+
+
+def run_accuracy(cell: Cell, tracker=None, output_dir: Path | None = None) -> AccuracyResult:
     device = cell.device
     bench, task = cell.bench, get_task(cell.task.name)
     backend = cell.backend
@@ -183,21 +211,18 @@ def run_accuracy(cell: Cell, tracker=None, output_dir: Path | None = None) -> di
         model.zero_grad(set_to_none=True)
 
     peak = measure.peak_memory_bytes(one_step, device)
-    return {
-        "metric": data.metric,
-        "value": test_value,
-        "fwd_bwd_tokens_per_s": tokens_seen / train_s if tokens_seen else None,  # real (unpadded) tokens
-        "peak_mem_mib": peak / measure.MIB,
-        "fwd_bwd_peak_mem_mib": peak / measure.MIB,
-        "extra": {
-            "best_" + validation: best_val,
-            "best_step": best_step,
-            "steps": step,
-            "resumed_from_step": resumed_from,
-            "train_seconds": train_s,
-            **data.describe(),
-        },
-    }
+    return AccuracyResult(
+        metric=data.metric,
+        value=test_value,
+        best_val=best_val,
+        best_step=best_step,
+        steps=step,
+        resumed_from_step=resumed_from,
+        train_seconds=train_s,
+        fwd_bwd_tokens_per_s=tokens_seen / train_s if tokens_seen else None,  # real (unpadded) tokens
+        peak_mem_mib=peak / measure.MIB,
+        data=data.describe(),
+    )
 
 
 register_bench(
@@ -205,6 +230,7 @@ register_bench(
         "accuracy",
         AccuracyBenchConfig,
         run_accuracy,
+        AccuracyResult,
         exclusive=False,
         bounds={
             "steps": Bound(1),

@@ -31,6 +31,7 @@ from bench.benches import Bench, register_bench
 from bench.cell import Cell, PredictedOOM, language_model, make_attention
 from bench.measure import MIB
 from bench.output_check import WrongOutput, check_exact, nonfinite
+from bench.results import Result, measured
 from efficient.attention import Attention, Setting, Unsupported
 from efficient.bounds import Bound
 from efficient.kv_cache import KVCache, empty_caches
@@ -88,6 +89,55 @@ def predicted_prefill_bytes(cell: Cell, chunk: int) -> float:
 LOGIT_DIMS = ("batch", "position", "token")
 
 
+@dataclass(frozen=True, kw_only=True)
+class DecodeResult(Result):
+    """A prefill of the prompt, then single-token steps against the cache it filled."""
+
+    TABLE = "Decoding: one token against a KV cache of n tokens (bench=decode)"
+
+    decode_ms: float = measured(
+        "median latency of one decode step (a token per sequence) with the cache at seq_len, ms",
+        column="ms/token",
+        fmt=".3g",
+        headline="decode {:.3g} ms/token",
+    )
+    decode_ms_p20: float = measured("20th percentile decode step, ms")
+    decode_ms_p80: float = measured("80th percentile decode step, ms")
+    decode_samples: int = measured("timed decode steps (at least bench.decode_tokens, more until bench.min_time_s)")
+    decode_tokens_per_s: float = measured("batch / decode step time", column="tokens/s", fmt=",.0f")
+    bandwidth_fraction: float = measured(
+        "achieved_gbs / peak_gbs: how close a step comes to the memory bandwidth, its limit",
+        column="of peak",
+        fmt=".0%",
+        headline="{:.0%} of the bandwidth",
+    )
+    achieved_gbs: float = measured("bytes a step reads / its time, median, GB/s", column="GB/s", fmt=".3g")
+    peak_gbs: float = measured("the bandwidth it is compared with, GB/s", column="peak GB/s", fmt=".3g")
+    peak_source: str = measured("where peak_gbs comes from (a vendor figure, or a copy measured here)")
+    bytes_per_token: float = measured("what a step reads: every weight once and what its query sees of the cache")
+    cache_mib: float = measured(
+        "the decoding state at seq_len tokens (KV cache, running sums, memory), MiB", column="cache MiB", fmt=",.4g"
+    )
+    weights_mib: float = measured("the model's weights, MiB")
+    decode_ops: list = measured(
+        "the attention kernels seen running one decode step", column="decode kernel", fmt="list"
+    )
+    prefill_ms: float = measured(
+        "the prefill of seq_len tokens, ms", column="prefill ms", fmt=",.0f", headline="prefill {:,.0f} ms"
+    )
+    prefill_tokens_per_s: float = measured("batch * seq_len / prefill time")
+    prefill_peak_mem_mib: float = measured(
+        "peak memory of the prefill, cache included, MiB", column="prefill peak MiB", fmt=",.4g"
+    )
+    predicted_mem_mib: float = measured("the memory model's prediction for the prefill (the guard's input), MiB")
+    prefill_chunk: int = measured("prompt tokens per prefill forward")
+    prefill_ops: list = measured("the attention kernels seen running the prefill")
+    max_abs_err: float = measured(
+        "the first decode step's max |logits - exact reference|", fmt=".1e", headline="err {:.1e}"
+    )
+    reference: str = measured("what max_abs_err compares against")
+
+
 def decode_steps(cell: Cell) -> int:
     """The most single-token steps a job takes after the prefill (the checked first step, the
     warm-up and the timed steps); the cache and the positions are allocated for them."""
@@ -130,7 +180,7 @@ def check_decode_step(cell: Cell, model, token, logits, reference_states):
     return (error, where), problem
 
 
-def run_decode(cell: Cell, **context) -> dict:
+def run_decode(cell: Cell, **context) -> DecodeResult:
     device = cell.device
     check_decodable(cell)
     dtype = cell.torch_dtype
@@ -206,37 +256,29 @@ def run_decode(cell: Cell, **context) -> dict:
     read = [weights + cache_bytes(cell, length, element, read=True) for length in lengths]  # bytes each step reads
     achieved_gbs = measure.summarize([r / (t / 1e3) / 1e9 for r, t in zip(read, times_ms)])["median"]
     peak_gbs, peak_source = measure.peak_bandwidth(device)
-    result = {
-        "fwd_ms": t["median"],
-        "fwd_ms_p20": t["p20"],
-        "fwd_ms_p80": t["p80"],
-        "fwd_samples": t["samples"],
-        "fwd_tokens_per_s": b / (t["median"] / 1e3),
-        "fwd_peak_mem_mib": prefill_peak / MIB,
-        "peak_mem_mib": prefill_peak / MIB,
-        "predicted_mem_mib": predicted / MIB,
-        "attention_ops": decode_ops,
-        "metric": "bandwidth_fraction",
-        "value": achieved_gbs / peak_gbs,
-        "note": "fwd_ms: one decode step (a token per sequence) with the cache at seq_len; peak: the prefill's",
-        "extra": {
-            "prefill_ms": prefill_ms,
-            "prefill_tokens_per_s": b * n / (prefill_ms / 1e3),
-            "prefill_peak_mem_mib": prefill_peak / MIB,
-            "prefill_chunk": chunk,
-            "prefill_ops": prefill_ops,
-            "decode_ms": t["median"],
-            "decode_tokens": len(times_ms),
-            "cache_mib": cache_bytes(cell, n, element) / MIB,
-            "weights_mib": weights / MIB,
-            "bytes_per_token": statistics.median(read),
-            "achieved_gbs": achieved_gbs,
-            "peak_gbs": peak_gbs,
-            "peak_source": peak_source,
-        },
-    }
-    if exact_error is not None:
-        result["max_abs_err"], result["reference"] = exact_error
+    result = DecodeResult(
+        decode_ms=t["median"],
+        decode_ms_p20=t["p20"],
+        decode_ms_p80=t["p80"],
+        decode_samples=t["samples"],
+        decode_tokens_per_s=b / (t["median"] / 1e3),
+        bandwidth_fraction=achieved_gbs / peak_gbs,
+        achieved_gbs=achieved_gbs,
+        peak_gbs=peak_gbs,
+        peak_source=peak_source,
+        bytes_per_token=statistics.median(read),
+        cache_mib=cache_bytes(cell, n, element) / MIB,
+        weights_mib=weights / MIB,
+        decode_ops=decode_ops,
+        prefill_ms=prefill_ms,
+        prefill_tokens_per_s=b * n / (prefill_ms / 1e3),
+        prefill_peak_mem_mib=prefill_peak / MIB,
+        predicted_mem_mib=predicted / MIB,
+        prefill_chunk=chunk,
+        prefill_ops=prefill_ops,
+        max_abs_err=exact_error[0] if exact_error else None,
+        reference=exact_error[1] if exact_error else None,
+    )
     if problem:
         raise WrongOutput(problem, measured=result)
     return result
@@ -247,6 +289,7 @@ register_bench(
         "decode",
         DecodeBenchConfig,
         run_decode,
+        DecodeResult,
         bounds={
             "decode_tokens": Bound(1, high=MAX_DECODE_STEPS),
             "warmup": Bound(0, high=MAX_DECODE_STEPS),

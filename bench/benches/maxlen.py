@@ -13,8 +13,8 @@ The step is the one ``bench=speed`` measures (scope, forward+backward unless
   near the RAM limit would swap the machine, and a sub-quadratic backend's longest length
   would take hours of O(n^2) compute on a few cores.
 
-The record's ``value`` is the longest length that fits (``metric`` = ``max_seq_len``); its
-``extra`` lists every length tried, with its measured or predicted peak.
+The record's ``max_seq_len`` is the longest length that fits; its ``tried`` lists every length
+tried, with its measured or predicted peak.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 from bench import measure
 from bench.benches import Bench, register_bench
 from bench.cell import Cell, PredictedOOM, Scope, build_subject, predicted_bytes
+from bench.results import Result, measured
 from efficient.attention import Unsupported, as_value
 from efficient.bounds import Bound
 
@@ -81,7 +82,34 @@ def measured_fit(cell: Cell, budget: float) -> tuple[bool, float | None]:
             torch.cuda.empty_cache()
 
 
-def run_maxlen(cell: Cell, **context) -> dict:
+@dataclass(frozen=True, kw_only=True)
+class MaxLenResult(Result):
+    """The longest length whose step fits the memory budget, and the search that found it."""
+
+    TABLE = "Longest length that fits the memory budget (bench=maxlen; n: the starting length)"
+
+    max_seq_len: int = measured(
+        "the longest length that fits the budget (to bench.resolution tokens)",
+        column="longest n",
+        fmt=",",
+        headline="fits up to n={:,}",
+    )
+    first_failing: int = measured(
+        "the shortest length tried that does not fit (None: none tried did not)",
+        column="first n that does not fit",
+        fmt=",",
+    )
+    budget_gib: float = measured("the memory budget, GiB", column="budget GiB", fmt=".3g")
+    peak_mib_at_longest: float = measured(
+        "the measured or predicted peak at max_seq_len, MiB", column="peak MiB at longest", fmt=",.0f"
+    )
+    method: str = measured("measure (the step ran) | predict (the memory guard's model)", column="how")
+    resolution: int = measured("the bisection stops at a bracket this narrow, tokens")
+    tried: list = measured("every length tried: {seq_len, fits, peak_mib}")
+    note: str = measured("a remark, e.g. that the search limit was reached")
+
+
+def run_maxlen(cell: Cell, **context) -> MaxLenResult:
     bench, device, backend = cell.bench, cell.device, cell.backend
     if bench.backward and not backend.trains_on(device, **cell.options):
         raise Unsupported(
@@ -120,18 +148,17 @@ def run_maxlen(cell: Cell, **context) -> dict:
             fitting = middle
         else:
             failing = middle
-    return {
-        "metric": "max_seq_len",
-        "value": fitting,
-        "note": None if failing else f"fits up to the search limit bench.limit={bench.limit}",
-        "extra": {
-            "method": method,
-            "budget_gib": budget / measure.GIB,
-            "first_failing": failing,
-            "resolution": resolution,
-            "tried": tried,
-        },
-    }
+    peaks = [t["peak_mib"] for t in tried if t["seq_len"] == fitting and t["peak_mib"] is not None]
+    return MaxLenResult(
+        max_seq_len=fitting,
+        first_failing=failing,
+        budget_gib=budget / measure.GIB,
+        peak_mib_at_longest=max(peaks, default=None),
+        method=method,
+        resolution=resolution,
+        tried=tried,
+        note=None if failing else f"fits up to the search limit bench.limit={bench.limit}",
+    )
 
 
 register_bench(
@@ -139,6 +166,7 @@ register_bench(
         "maxlen",
         MaxLenBenchConfig,
         run_maxlen,
+        MaxLenResult,
         bounds={
             "memory_budget_gib": Bound(0, open=True),
             "resolution": Bound(1),

@@ -21,6 +21,7 @@ from bench.benches import Bench, register_bench
 from bench.cell import Cell, PredictedOOM, Scope, Subject, build_subject, layer_flops, predicted_bytes
 from bench.measure import MIB
 from bench.output_check import WrongOutput, check_exact, nonfinite
+from bench.results import Result, measured
 from efficient.attention import Attention
 from efficient.bounds import Bound
 
@@ -39,6 +40,70 @@ class SpeedBenchConfig:
     memory_budget_gib: Optional[float] = None  # None: half the free RAM (CPU), 90% of free GPU memory
     threads: Optional[int] = None  # CPU threads (torch.set_num_threads); None: the cores allotted
     pad_fraction: float = 0.0  # fraction of each sequence that is padding (key_padding_mask)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpeedResult(Result):
+    """One cell's step, timed and measured: forward (no grad) and forward+backward."""
+
+    predicted_mem_mib: float = measured("the memory model's prediction for the step (the guard's input), MiB")
+    first_call_s: float = measured("the first forward call, timed apart (compilation, autotuning), s")
+    fwd_ms: float = measured(
+        "median forward latency (no grad), ms",
+        pivot="Forward latency, ms (median)",
+        fmt=".3g",
+        scaling="forward time",
+        ratio="forward time",
+        headline="fwd {:.3g} ms",
+    )
+    fwd_ms_p20: float = measured("20th percentile forward latency, ms")
+    fwd_ms_p80: float = measured("80th percentile forward latency, ms")
+    fwd_samples: int = measured("timed forward runs (at least bench.repeats, more until bench.min_time_s)")
+    fwd_tokens_per_s: float = measured("batch * seq_len / forward time")
+    flops_fwd: float = measured("analytic forward FLOPs of the step")
+    tflops: float = measured("achieved forward TFLOP/s", pivot="Achieved forward TFLOP/s", fmt=".3g")
+    mfu: float = measured("forward TFLOP/s over the device's dense half-precision peak (when known)")
+    fwd_peak_mem_mib: float = measured(
+        "peak memory of the forward (no grad) above the inputs, MiB",
+        pivot="Peak memory above inputs, MiB (forward, no grad)",
+        scaling="forward memory",
+        ratio="forward memory",
+    )
+    fwd_bwd_ms: float = measured(
+        "median forward+backward latency, ms",
+        pivot="Forward+backward latency, ms (median)",
+        fmt=".3g",
+        scaling="fwd+bwd time",
+        ratio="fwd+bwd time",
+        headline="fwd+bwd {:.3g} ms",
+    )
+    fwd_bwd_ms_p20: float = measured("20th percentile forward+backward latency, ms")
+    fwd_bwd_ms_p80: float = measured("80th percentile forward+backward latency, ms")
+    fwd_bwd_samples: int = measured("timed forward+backward runs")
+    fwd_bwd_tokens_per_s: float = measured("batch * seq_len / forward+backward time")
+    fwd_bwd_tflops: float = measured("achieved forward+backward TFLOP/s")
+    fwd_bwd_peak_mem_mib: float = measured("peak memory of forward+backward above the inputs, MiB")
+    peak_mem_mib: float = measured(
+        "peak memory of the step: forward+backward if measured, else forward, MiB",
+        pivot="Peak memory above inputs, MiB (forward+backward)",
+        scaling="fwd+bwd memory",
+        ratio="fwd+bwd memory",
+        headline="peak {:.4g} MiB",
+    )
+    attention_ops: list = measured("the attention kernels (ATen / xformers / flex ops) seen running the forward")
+    max_abs_err: float = measured(
+        "max |output - exact reference| on the same inputs and parameters",
+        pivot="Max abs error against the exact reference",
+        fmt=".1e",
+        headline="err {:.1e}",
+    )
+    reference: str = measured("what max_abs_err compares against")
+    max_abs_err_vs_full: float = measured(
+        "a sparse mask's backend: max |output - full attention| (max_abs_err is under its mask)",
+        pivot="Max abs error of a sparse mask against full attention",
+        fmt=".1e",
+    )
+    note: str = measured("what was not measured, and why (e.g. no backward on this device)")
 
 
 def exact_reference(subject: Subject, device: str, unmasked: bool = False) -> tuple[torch.Tensor, str]:
@@ -68,7 +133,7 @@ def gradient_problem(module: torch.nn.Module) -> Optional[str]:
     return None
 
 
-def run_speed(cell: Cell, **context) -> dict:
+def run_speed(cell: Cell, **context) -> SpeedResult:
     """Measure one cell; raises Unsupported / PredictedOOM / torch.OutOfMemoryError."""
     device, shape, training = cell.device, cell.shape(), cell.bench.backward
     predicted = predicted_bytes(cell, shape, training)
@@ -146,8 +211,8 @@ def run_speed(cell: Cell, **context) -> dict:
     else:
         problem = nonfinite(output, "the forward output", OUTPUT_DIMS)
     if problem or wrong:
-        raise WrongOutput(problem or wrong, measured=result)
-    return result
+        raise WrongOutput(problem or wrong, measured=SpeedResult(**result))
+    return SpeedResult(**result)
 
 
 register_bench(
@@ -155,6 +220,7 @@ register_bench(
         "speed",
         SpeedBenchConfig,
         run_speed,
+        SpeedResult,
         bounds={
             "warmup": Bound(0),
             "repeats": Bound(1),

@@ -4,9 +4,8 @@ A vanilla model (Al-Rfou et al. 2018) predicts one token per forward pass over a
 of the attention length A, recomputing the whole window for every token. Transformer-XL reads
 a segment of ``tgt_len`` tokens per forward pass, its keys the segment plus a memory of
 A - tgt_len cached positions, and predicts every token of the segment. Both models have the
-same size (``model.*``); ``seq_len`` is A. The record's ``value`` is the per-token speed-up
-(the paper reports 363x at A = 800 and 1,874x at A = 3,800 on GPU); ``fwd_ms`` is XL's time
-for one segment.
+same size (``model.*``); ``seq_len`` is A. The record's ``speedup_per_token`` is the
+per-token speed-up (the paper reports 363x at A = 800 and 1,874x at A = 3,800 on GPU).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import torch
 from bench import measure
 from bench.benches import Bench, register_bench
 from bench.cell import Cell, language_model, make_attention
+from bench.results import Result, measured
 from efficient.attention import Unsupported, attention_factory
 from efficient.bounds import Bound
 
@@ -33,7 +33,43 @@ class XLEvalBenchConfig:
     min_time_s: float = 1.0  # and timed runs until they add up to this
 
 
-def run_xl_eval(cell: Cell, **context) -> dict:
+@dataclass(frozen=True, kw_only=True)
+class XLEvalResult(Result):
+    """Per-token evaluation time of XL with memory against a vanilla model's sliding window."""
+
+    TABLE = "Transformer-XL's evaluation speed against a vanilla model (bench=xl_eval; n: the attention length)"
+
+    xl_segment_ms: float = measured("median time of XL's forward over one segment of tgt_len tokens, ms")
+    xl_segment_ms_p20: float = measured("20th percentile of xl_segment_ms, ms")
+    xl_segment_ms_p80: float = measured("80th percentile of xl_segment_ms, ms")
+    xl_samples: int = measured("timed XL segments")
+    xl_tokens_per_s: float = measured("batch * tgt_len / xl_segment_ms")
+    xl_ms_per_token: float = measured(
+        "xl_segment_ms / tgt_len: XL's time per predicted token, ms", column="XL ms/token", fmt=".3g"
+    )
+    vanilla_ms_per_token: float = measured(
+        "median time of the vanilla model's forward over the window: one predicted token, ms",
+        column="vanilla ms/token",
+        fmt=".4g",
+    )
+    vanilla_ms_p20: float = measured("20th percentile of vanilla_ms_per_token, ms")
+    vanilla_ms_p80: float = measured("80th percentile of vanilla_ms_per_token, ms")
+    vanilla_samples: int = measured("timed vanilla windows")
+    speedup_per_token: float = measured(
+        "vanilla_ms_per_token / xl_ms_per_token",
+        column="speed-up",
+        fmt=",.0f",
+        headline="{:,.0f}x faster per token than a vanilla model",
+    )
+    paper_speedup: float = measured(
+        "the paper's speed-up at this attention length (Dai et al. 2019), if it has one", column="paper", fmt=","
+    )
+    ratio_to_paper: float = measured("speedup_per_token / paper_speedup", column="of the paper's", fmt=".2f")
+    tgt_len: int = measured("XL's segment: tokens predicted per forward", column="tgt_len", fmt="d")
+    mem_len: int = measured("XL's memory: attention length - tgt_len")
+
+
+def run_xl_eval(cell: Cell, **context) -> XLEvalResult:
     device = cell.device
     span, tgt_len = cell.seq_len, cell.bench.tgt_len
     if not 0 < tgt_len < span:
@@ -66,26 +102,23 @@ def run_xl_eval(cell: Cell, **context) -> dict:
     xl_per_token = t_xl["median"] / tgt_len
     speedup = t_vanilla["median"] / xl_per_token
     paper = PAPER_SPEEDUP.get(span)
-    return {
-        "fwd_ms": t_xl["median"],
-        "fwd_ms_p20": t_xl["p20"],
-        "fwd_ms_p80": t_xl["p80"],
-        "fwd_samples": t_xl["samples"],
-        "fwd_tokens_per_s": b * tgt_len / (t_xl["median"] / 1e3),
-        "metric": "eval_speedup_per_token",
-        "value": speedup,
-        "extra": {
-            "attention_length": span,
-            "tgt_len": tgt_len,
-            "mem_len": span - tgt_len,
-            "xl_ms_per_token": xl_per_token,
-            "vanilla_ms_per_token": t_vanilla["median"],
-            "vanilla_ms_p20": t_vanilla["p20"],
-            "vanilla_ms_p80": t_vanilla["p80"],
-            "paper_speedup": paper,
-            "ratio_to_paper": speedup / paper if paper else None,
-        },
-    }
+    return XLEvalResult(
+        xl_segment_ms=t_xl["median"],
+        xl_segment_ms_p20=t_xl["p20"],
+        xl_segment_ms_p80=t_xl["p80"],
+        xl_samples=t_xl["samples"],
+        xl_tokens_per_s=b * tgt_len / (t_xl["median"] / 1e3),
+        xl_ms_per_token=xl_per_token,
+        vanilla_ms_per_token=t_vanilla["median"],
+        vanilla_ms_p20=t_vanilla["p20"],
+        vanilla_ms_p80=t_vanilla["p80"],
+        vanilla_samples=t_vanilla["samples"],
+        speedup_per_token=speedup,
+        paper_speedup=paper,
+        ratio_to_paper=speedup / paper if paper else None,
+        tgt_len=tgt_len,
+        mem_len=span - tgt_len,
+    )
 
 
 register_bench(
@@ -93,6 +126,7 @@ register_bench(
         "xl_eval",
         XLEvalBenchConfig,
         run_xl_eval,
+        XLEvalResult,
         bounds={"tgt_len": Bound(1), "warmup": Bound(0), "repeats": Bound(1), "min_time_s": Bound(0)},
     )
 )
