@@ -7,7 +7,7 @@
 
 With no arguments it runs the main job, ``-m experiment=main_cpu`` (or ``main_gpu`` where CUDA
 is available; conf/experiment/main_*.yaml): every backend that can run on the device over a
-ladder of lengths (CPU: a small layer up to 4K tokens, about two minutes on 2 cores; GPU: bf16,
+ladder of lengths (CPU: a small layer up to 4K tokens, about five and a half minutes on 2 cores; GPU: bf16,
 16 heads x 128, 1K to 16K), then the comparison table. ``+experiment=X`` means ``experiment=X``.
 """
 

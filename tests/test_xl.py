@@ -397,6 +397,7 @@ def test_stream_eval_rescores_a_finished_charlm_job_at_other_memories(tmp_path, 
     """bench.stream_eval: the job's best weights re-read at several evaluation memories, no
     training; at the job's own memory it gives the job's own test figure."""
     from conftest import compose
+    from presets import CHARLM
 
     from bench.harness import run_job
     from bench.records import validate
@@ -408,26 +409,7 @@ def test_stream_eval_rescores_a_finished_charlm_job_at_other_memories(tmp_path, 
     job = tmp_path / "job"
     job.mkdir()
     record = run_job(
-        compose(
-            "bench=accuracy",
-            "task=charlm",
-            f"task.data_path={text}",
-            "attention=xl",
-            "attention.mem_len=16",
-            "causal=true",
-            "seq_len=16",
-            "batch_size=4",
-            "model.d_model=32",
-            "model.n_heads=2",
-            "model.n_layers=2",
-            "model.d_ff=64",
-            "bench.steps=6",
-            "bench.eval_every=3",
-            "bench.progress=false",
-            "device=cpu",
-            "wandb.mode=disabled",
-            "bench.threads=1",
-        ),
+        compose(*CHARLM, f"task.data_path={text}", "bench.steps=6", "bench.eval_every=3", "bench.threads=1"),
         output_dir=job,
     )
     assert record["status"] == "ok", record["reason"]
