@@ -3,10 +3,11 @@ what it means and how the report shows it.
 
 A bench declares its result as a dataclass of ``Result`` with ``measured(...)`` fields. The
 harness writes the fields into the job's record, and with them the result's description
-(``describe``): each field's meaning (``measures``) and the bench's report (``report``): which
-fields get a backend x length table (``pivot``), which make the columns of the bench's own table
-of ok cells (``columns``), which are fitted against the length (``scaling``) or divided by a
-baseline's (``ratio``), and which the job's one-line summary prints (``headline``). So a record
+(``describe``): each field's meaning (``measures``) and kind (``kinds``), and the bench's
+report (``report``): which fields get a backend x length table (``pivot``), which make the
+columns of the bench's own table of ok cells (``table``), which are fitted against the length
+(``scaling``) or divided by a baseline's (``ratio``), and which the job's one-line summary prints
+(``headline``). So a record
 describes itself: the report, pick and the CSV read it without importing the bench (or torch),
 and a new bench needs neither the report nor the records module to change.
 """
@@ -52,7 +53,8 @@ class Result:
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
-        """``{"measures": {field: meaning}, "report": {...}}``: what a record of this bench says of itself."""
+        """``{"measures": {field: meaning}, "kinds": {...}, "report": {...}}``: what a record of this
+        bench says of itself."""
         declared = [(f.name, f.metadata) for f in dataclasses.fields(cls)]
 
         def marked(key: str) -> list[list[str]]:
