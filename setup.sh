@@ -16,7 +16,7 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
     pip_install --index-url https://download.pytorch.org/whl/cpu "${spec%+cpu}"
 fi
 
-pip_install -e ".[dev]"
+pip_install -e ".[dev,hf]"
 
 has_cuda=$("$PYTHON" -c "import torch; print(int(torch.cuda.is_available()))")
 if [ "${WITH_XFORMERS:-$has_cuda}" = "1" ]; then

@@ -1,0 +1,1 @@
+"""Other libraries' models running the suite's backends (``hf``: Hugging Face transformers)."""
