@@ -380,3 +380,16 @@ def test_lra_table_puts_listops_accuracy_beside_lra_s_table_1():
         "| full | 31.0% | 32.0% (600) | 10.0 | 200 | 36.37% |",
         "| local (block=8) | 29.0% | 30.0% (600) | 10.0 | 200 | 15.82% |",
     ]
+
+
+def test_bigbird_keeps_a_few_visibility_masks_while_decoding_not_one_per_length():
+    """Decoding adds a key block every ``block`` tokens; the [blocks, blocks] masks of older
+    lengths are dropped (at most VISIBILITY_KEPT), and a dropped length is rebuilt the same."""
+    from efficient.attention.bigbird import VISIBILITY_KEPT
+
+    attention = build_attention("bigbird", 64, 4, block=8, random_blocks=2)
+    first = attention.block_visibility(5, "cpu").clone()
+    for n_blocks in range(6, 40):
+        attention.block_visibility(n_blocks, "cpu")
+    assert len(attention._visibility) == VISIBILITY_KEPT
+    assert torch.equal(attention.block_visibility(5, "cpu"), first)

@@ -36,6 +36,8 @@ from efficient.attention.sliding_window import window_blocks, window_offsets
 from efficient.attention.sparse import SparseAttention, SparseKernel
 from efficient.bounds import Bound
 
+VISIBILITY_KEPT = 4  # block visibility masks kept per layer (the latest lengths)
+
 
 @register
 class BigBirdAttention(SparseAttention):
@@ -98,16 +100,21 @@ class BigBirdAttention(SparseAttention):
         return self.layout(n_blocks).to(device)
 
     def block_visibility(self, n_blocks: int, device) -> torch.Tensor:
-        """[n_blocks, n_blocks] bool: which key blocks each query block sees (kept per length)."""
+        """[n_blocks, n_blocks] bool: which key blocks each query block sees, kept for the latest
+        few lengths only (decoding adds a block every ``block`` tokens: one mask per length would
+        grow with the square of the blocks)."""
         key = (n_blocks, str(device))
-        if key not in self.__dict__.setdefault("_visibility", {}):
+        cache = self.__dict__.setdefault("_visibility", {})
+        if key not in cache:
+            if len(cache) >= VISIBILITY_KEPT:
+                cache.pop(next(iter(cache)))  # the oldest length
             layout = self.layout(n_blocks).to(device)
             seen = torch.zeros(n_blocks, n_blocks + 1, dtype=torch.bool, device=device)
             seen.scatter_(1, layout.where(layout >= 0, n_blocks), True)  # column n_blocks takes the -1s
             seen = seen[:, :n_blocks].clone()
             seen[[0, -1]] = True  # the global query blocks see every key
-            self._visibility[key] = seen
-        return self._visibility[key]
+            cache[key] = seen
+        return cache[key]
 
     def mask_function(self, length: int, device):
         seen, block = self.block_visibility(math.ceil(length / self.block), device), self.block
