@@ -39,26 +39,32 @@ def series(rows, field, varying, bench: str = "speed") -> dict[str, list[tuple[i
     return {k: sorted(v) for k, v in sorted(out.items())}
 
 
-def colour_map(rows, varying) -> dict[str, str]:
-    """One colour per backend, the same in every plot."""
-    return {name: f"C{i % 10}" for i, name in enumerate(sorted({label(r, varying) for r in rows}))}
+def colour_map(rows, varying) -> dict[str, Any]:
+    """One colour per backend, the same in every plot (20 distinct ones where there are more than 10)."""
+    names = sorted({label(r, varying) for r in rows})
+    if len(names) <= 10:
+        return {name: f"C{i}" for i, name in enumerate(names)}
+    palette = plt.get_cmap("tab20")
+    return {name: palette(i % 20) for i, name in enumerate(names)}
 
 
-def loglog_panel(ax, data: dict[str, list[tuple[int, float]]], ylabel: str, title: str, colours) -> None:
+def loglog_panel(
+    ax, data: dict[str, list[tuple[int, float]]], ylabel: str, title: str, colours, legend: bool = True
+) -> None:
     for name, points in data.items():
         ns, values = zip(*points)
-        legend = name
+        text = name
         if len(points) >= 3:
             k, _, _ = fit_power_law(ns, values)
-            legend += f" (slope {k:.2f})"
-        ax.plot(ns, values, marker="o", label=legend, color=colours[name])
+            text += f" (slope {k:.2f})"
+        ax.plot(ns, values, marker="o", label=text, color=colours[name])
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length (tokens)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    if data:
+    if data and legend:
         ax.legend(fontsize=8)
 
 
@@ -115,17 +121,21 @@ def decode_figure(rows, varying, colours) -> bytes | None:
     if not latency:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    loglog_panel(axes[0], latency, "ms per token (median)", "Decode step against a KV cache of n tokens", colours)
+    title = "Decode step against a KV cache of n tokens"
+    loglog_panel(axes[0], latency, "ms per token (median)", title, colours, legend=False)
     for name, points in series(rows, "bandwidth_fraction", varying, bench="decode").items():
         ns, values = zip(*points)
-        axes[1].plot(ns, values, marker="o", label=name, color=colours[name])
+        axes[1].plot(ns, values, marker="o", color=colours[name])
     axes[1].set_xscale("log", base=2)
     axes[1].set_ylim(0, 1)
     axes[1].set_xlabel("cache length (tokens)")
     axes[1].set_ylabel("achieved / peak bandwidth")
     axes[1].set_title("Fraction of the memory bandwidth a decode step achieves")
     axes[1].grid(True, alpha=0.3)
-    axes[1].legend(fontsize=8)
+    # One legend below both panels: a decode study has a series per backend and KV-head setting
+    # (two dozen), which a legend inside a panel would cover.
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=8, frameon=False)
     return figure_png(fig)
 
 
