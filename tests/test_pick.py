@@ -197,3 +197,14 @@ def test_records_of_two_machines_are_never_mixed():
     rec = pick(xeon + epyc, 4096, allow_approximate=True, device_name="EPYC")
     assert names(rec.ranked) == ["reformer", "full"]
     assert rec.ranked[1].time_ms == pytest.approx(0.5 * 16)  # EPYC's full only, not a median with Xeon's
+
+
+def test_scope_and_width_choose_which_cells_are_ranked():
+    """Without --scope the most measured cell is ranked; --scope and --d-model name another."""
+    layer = linear("chunked") + quadratic("full")  # 6 records of one attention layer
+    whole = [{**r, "scope": "model", "d_model": 256} for r in quadratic("chunked", 0.5) + linear("full", 4.0)]
+    assert names(pick(layer + whole, 4096).ranked) == ["chunked", "full"]  # the layer: chunked 12 ms, full 16
+    for chosen in (pick(layer + whole, 4096, scope="model"), pick(layer + whole, 4096, d_model=256)):
+        assert names(chosen.ranked) == ["chunked", "full"] and chosen.settings["scope"] == "model"
+        assert chosen.ranked[0].time_ms == 8.0  # the whole model's chunked: 0.5 * 4^2
+    assert not pick(layer + whole, 4096, scope="model", d_model=512).ranked

@@ -2,6 +2,7 @@
 
     python -m bench.pick PATH --seq-len N [--memory-budget GiB] [--causal] [--dtype D]
                          [--device D] [--device-name NAME] [--inference | --decode] [--n-kv-heads K]
+                         [--scope attention|model] [--d-model D]
                          [--min-accuracy TASK=VALUE ...] [--allow-approximate] [--json]
 
 Ranks every backend by the time of a training step (forward+backward; ``--inference``: the
@@ -113,14 +114,18 @@ def pick(
     decode: bool = False,
     n_kv_heads: int | None = None,
     device_name: str | None = None,
+    scope: str | None = None,
+    d_model: int | None = None,
 ) -> Recommendation:
     if seq_len < 1:
         raise ValueError(f"seq_len must be a positive number of tokens, got {seq_len}")
     min_accuracy = min_accuracy or {}
     causal = causal or decode  # decoding is causal
     speed = [r for r in records if r.get("bench") == ("decode" if decode else "speed")]
-    if n_kv_heads is not None:
-        speed = [r for r in speed if setting(r, "n_kv_heads") == n_kv_heads]
+    chosen = {"n_kv_heads": n_kv_heads, "scope": scope, "d_model": d_model}  # the rest: the most measured
+    for key, value in chosen.items():
+        if value is not None:
+            speed = [r for r in speed if setting(r, key) == value]
     accuracy = [r for r in records if r.get("bench") == "accuracy" and r.get("status") == "ok"]
     device = device or most_common(r["device"] for r in speed)
     on_device = [r for r in speed if r["device"] == device]
@@ -407,6 +412,14 @@ def main(argv: list[str] | None = None) -> int:
         help="only records with K key/value heads (default: the most measured)",
     )
     parser.add_argument(
+        "--scope",
+        choices=["attention", "model"],
+        help="one attention layer's records or the whole model's (default: the most measured)",
+    )
+    parser.add_argument(
+        "--d-model", type=positive_int, metavar="D", help="only records of model width D (default: the most measured)"
+    )
+    parser.add_argument(
         "--min-accuracy",
         type=parse_floor,
         action="append",
@@ -449,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         args.decode,
         args.n_kv_heads,
         args.device_name,
+        args.scope,
+        args.d_model,
     )
     print(json.dumps(asdict(rec), indent=2) if args.json else format_table(rec))
     far = [c for c in rec.ranked if c.extrapolated]
