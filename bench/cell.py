@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -53,10 +53,32 @@ class Positional(Enum):
 
 @dataclass
 class ModelConfig(ModelSize):
-    """The library's ModelSize, with its choices as enums so that Hydra validates them."""
+    """The library's ModelSize, with its choices as enums so that Hydra validates them, and the
+    Hugging Face architecture ``bench=model`` builds at that size (the other benches build the
+    suite's own models, which use ``norm`` and ``positional``; an HF architecture has its own)."""
 
     norm: Norm = Norm.pre
     positional: Positional = Positional.sinusoidal
+    architecture: Optional[str] = None  # transformers' model_type (llama, mistral, gpt2, ...); None: llama
+    hf_config: Optional[dict[str, Any]] = None  # its config's other fields: vocab_size, rope_parameters, ...
+    config_json: Optional[str] = None  # or a user's config.json (a file or a folder), read in their place
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The Hugging Face model ``bench=model`` builds at the cell's size: transformers' ``model_type``
+    and its config's other fields, or a user's ``config.json``."""
+
+    model_type: str
+    fields: Mapping[str, Any]
+    config_json: str | None = None
+
+    @classmethod
+    def of(cls, model) -> Architecture:
+        fields = model.get("hf_config") or {}
+        if OmegaConf.is_config(fields):
+            fields = OmegaConf.to_container(fields, resolve=True)
+        return cls(model.get("architecture") or "llama", MappingProxyType(fields), model.get("config_json"))
 
 
 class PredictedOOM(Exception):
@@ -103,6 +125,7 @@ class Cell:
     device: str  # "cpu" | "cuda": ``device=auto`` resolved
     causal: bool
     seed: int
+    architecture: Architecture  # the HF model of bench=model (model.architecture, hf_config, config_json)
 
     @classmethod
     def of(cls, cfg, device: str | None = None) -> Cell:
@@ -122,6 +145,7 @@ class Cell:
             device=device or resolved_device(cfg),
             causal=cfg.causal,
             seed=cfg.seed,
+            architecture=Architecture.of(cfg.model),
         )
 
     def at(self, **changes: Any) -> Cell:

@@ -18,11 +18,13 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from hydra.errors import CompactHydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from bench import benches, tasks
 from bench.cell import ModelConfig, cell_hash
 from efficient.attention import Setting, backend_names, get_backend, options_schema
 from efficient.bounds import Bound
+from efficient.integrations.hf import json_field
 
 
 class Device(Enum):
@@ -83,6 +85,8 @@ class InvalidValue(CompactHydraException):
 
 def value_problems(cfg) -> list[str]:
     """One sentence per setting of ``cfg`` outside its valid range (empty when all are valid)."""
+    if unresolved := unresolvable(cfg):
+        return unresolved
     bounds = dict(BOUNDS)
     for group, own in (
         ("attention", get_backend(cfg.attention.name).option_bounds),
@@ -100,6 +104,8 @@ def value_problems(cfg) -> list[str]:
         problems.append(
             f"model.d_model={d_model} is not a multiple of model.n_heads={n_heads}: every head needs the same width"
         )
+    bench = benches.get_bench(cfg.bench.name)
+    problems += bench.config_problems(cfg) if bench.config_problems else []
     bench_causal = cfg.bench.get("causal")  # a bench that measures one setting only (decode: causal)
     if bench_causal is not None and cfg.causal != bench_causal:
         problems.append(
@@ -115,6 +121,16 @@ def value_problems(cfg) -> list[str]:
     return problems
 
 
+def unresolvable(cfg) -> list[str]:
+    """The first setting whose value cannot be found (``???`` left unset, a ``config.json`` that
+    cannot be read), in a sentence; empty when every value resolves."""
+    try:
+        OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    except (InterpolationResolutionError, MissingMandatoryValue) as e:
+        return [str(e).splitlines()[0].split(" raised while resolving interpolation: ")[-1]]
+    return []
+
+
 def check_values(cfg) -> None:
     """Raise InvalidValue naming every setting of ``cfg`` outside its valid range."""
     problems = value_problems(cfg)
@@ -125,7 +141,10 @@ def check_values(cfg) -> None:
 def job_cell_hash(*, _root_: DictConfig) -> str:
     """``${cell_hash:}`` in a job's output folder name: the short ``config_hash`` of its cell, so
     that two different cells never share a folder (and a resumed cell finds its own)."""
-    return sweep_job_hash(_root_)[:8]
+    try:
+        return sweep_job_hash(_root_)[:8]
+    except (InterpolationResolutionError, MissingMandatoryValue):  # check_values says which value, in words
+        return "unresolved"
 
 
 def sweep_job_hash(config: DictConfig) -> str:
@@ -165,8 +184,9 @@ def config_groups() -> str:
 
 def register() -> None:
     """Store the schemas in Hydra's ConfigStore and register the resolvers the yaml files use
-    (``${cell_hash:}``, ``${backends:}``, ``${config_groups:}``). Called once before composing:
-    by run.py when it is imported (a SLURM job unpickles it), by the tests, by the GPU check."""
+    (``${cell_hash:}``, ``${backends:}``, ``${config_groups:}``, ``${hf_json:PATH,FIELD}``). Called
+    once before composing: by run.py when it is imported (a SLURM job unpickles it), by the tests,
+    by the GPU check."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="hydra/sweeper", name="cells", node=CellSweeperConfig)
@@ -180,3 +200,4 @@ def register() -> None:
     OmegaConf.register_new_resolver("cell_hash", job_cell_hash, replace=True)
     OmegaConf.register_new_resolver("backends", backend_list, replace=True)
     OmegaConf.register_new_resolver("config_groups", config_groups, replace=True)
+    OmegaConf.register_new_resolver("hf_json", json_field, replace=True)

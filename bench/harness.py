@@ -50,12 +50,14 @@ def describe_cell(cell: Cell) -> dict:
     """The record's fields that say which cell this is (known before anything runs)."""
     backend = cell.backend
     defaults = {k: as_value(v) for k, v in option_defaults(backend).items()}
+    bench = get_bench(cell.bench.name)
+    own = bench.describes(cell) if bench.describes else {}  # e.g. bench=model: hf:sdpa, a model's own window
     return {
         "record_version": records.RECORD_VERSION,
         "attention": cell.attention,
         "attention_options": dict(cell.options),
-        "label": records.option_label(backend.name, dict(cell.options), defaults),
-        "exact": backend.capabilities.exact and not backend.capabilities.sparse_mask,
+        "label": own.get("label") or records.option_label(backend.name, dict(cell.options), defaults),
+        "exact": own.get("exact", backend.capabilities.exact and not backend.capabilities.sparse_mask),
         "bench": cell.bench.name,
         "task": cell.task.name,
         "scope": cell.scope,

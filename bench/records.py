@@ -319,7 +319,10 @@ def load_records(root: Path | str) -> list[dict[str, Any]]:
 UNHASHED = {"": ("resume", "wandb"), "bench": ("progress", "resume")}
 # Settings added after records existed, left out of the hash at the value that measures what
 # those records measured (so that a study recorded before them still resumes).
-NEUTRAL = {"model": {"n_kv_heads": None}, "bench": {"causal": True, "min_time_s": 0.0}}
+NEUTRAL = {
+    "model": {"n_kv_heads": None, "architecture": None, "hf_config": None, "config_json": None},
+    "bench": {"causal": True, "min_time_s": 0.0},
+}
 
 
 def config_hash(config: dict[str, Any], device: str | None = None) -> str:

@@ -39,7 +39,7 @@ def _no_wandb_by_default(monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
-TIMED_BENCHES = ("speed", "decode", "xl_eval")  # benches with a time budget (bench.min_time_s)
+TIMED_BENCHES = ("speed", "decode", "xl_eval", "model")  # benches with a time budget (bench.min_time_s)
 
 
 def no_time_budget(overrides) -> list[str]:

@@ -2,12 +2,13 @@
 
     python -m bench.pick PATH --seq-len N [--memory-budget GiB] [--causal] [--dtype D]
                          [--device D] [--device-name NAME] [--inference | --decode] [--n-kv-heads K]
-                         [--scope attention|model] [--d-model D]
+                         [--scope attention|model] [--d-model D] [--hf-model]
                          [--min-accuracy TASK=VALUE ...] [--allow-approximate] [--json]
 
 Ranks every backend by the time of a training step (forward+backward; ``--inference``: the
 forward; ``--decode``: one decoded token against a KV cache of N tokens, from ``bench=decode``
-records, within a memory budget that then includes the cache) at N tokens, on one device,
+records, within a memory budget that then includes the cache; ``--hf-model``: from ``bench=model``
+records, a transformers model's training step, prefill or decode step) at N tokens, on one device,
 dtype and causal setting, and from one machine (``device_name``: the most measured unless
 named), since times and peaks from two CPUs or two GPU models do not compare. Where N was measured the
 record is used; otherwise each backend's power law (time and memory ~ n^k, least squares over
@@ -35,7 +36,7 @@ from typing import Any
 from bench.analysis.common import fit_power_law, label, setting
 from bench.records import LOWER_IS_BETTER, best_value, load_records
 
-CELL_SETTINGS = ("scope", "batch_size", "d_model", "n_heads", "n_kv_heads")
+CELL_SETTINGS = ("scope", "batch_size", "d_model", "n_heads", "n_kv_heads", "n_layers", "architecture")
 MAX_EXTRAPOLATION = 8.0  # times beyond the measured lengths that a fitted power law is trusted
 
 
@@ -116,12 +117,13 @@ def pick(
     device_name: str | None = None,
     scope: str | None = None,
     d_model: int | None = None,
+    hf_model: bool = False,
 ) -> Recommendation:
     if seq_len < 1:
         raise ValueError(f"seq_len must be a positive number of tokens, got {seq_len}")
     min_accuracy = min_accuracy or {}
-    causal = causal or decode  # decoding is causal
-    speed = [r for r in records if r.get("bench") == ("decode" if decode else "speed")]
+    causal = causal or decode or hf_model  # decoding is causal, and so are the HF models (causal LMs)
+    speed = [r for r in records if r.get("bench") == ("model" if hf_model else "decode" if decode else "speed")]
     chosen = {"n_kv_heads": n_kv_heads, "scope": scope, "d_model": d_model}  # the rest: the most measured
     for key, value in chosen.items():
         if value is not None:
@@ -139,6 +141,8 @@ def pick(
     step = (
         "decode step (one token against a KV cache of n; memory: the prefill's peak, cache included)"
         if decode
+        else "prefill of n tokens (memory: its peak, cache included)"
+        if hf_model and inference
         else "forward (inference)"
         if inference
         else "forward+backward (training step)"
@@ -152,8 +156,14 @@ def pick(
         "memory_budget_gib": memory_budget_gib,
         **dict(zip(CELL_SETTINGS, cell or ())),
     }
-    time_field = "decode_ms" if decode else "fwd_ms" if inference else "fwd_bwd_ms"
-    memory_field = "prefill_peak_mem_mib" if decode else "fwd_peak_mem_mib" if inference else "fwd_bwd_peak_mem_mib"
+    time_field = "decode_ms" if decode else ("prefill_ms" if hf_model else "fwd_ms") if inference else "fwd_bwd_ms"
+    memory_field = (
+        "prefill_peak_mem_mib"
+        if decode or (hf_model and inference)
+        else "fwd_peak_mem_mib"
+        if inference
+        else "fwd_bwd_peak_mem_mib"
+    )
 
     by_backend: dict[str, list[dict]] = defaultdict(list)
     for r in matching:
@@ -420,6 +430,12 @@ def main(argv: list[str] | None = None) -> int:
         "--d-model", type=positive_int, metavar="D", help="only records of model width D (default: the most measured)"
     )
     parser.add_argument(
+        "--hf-model",
+        action="store_true",
+        help="rank from bench=model records: a transformers model with each backend (its training step; "
+        "--inference: its prefill; --decode: a decode step against its cache)",
+    )
+    parser.add_argument(
         "--min-accuracy",
         type=parse_floor,
         action="append",
@@ -444,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.path.exists():
         parser.error(f"{args.path} does not exist")
     records = load_records(args.path)
-    wanted = "decode" if args.decode else "speed"
+    wanted = "model" if args.hf_model else "decode" if args.decode else "speed"
     if not any(r.get("bench") == wanted for r in records):
         print(f"no {wanted} records under {args.path}", file=sys.stderr)
         return 1
@@ -464,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         args.device_name,
         args.scope,
         args.d_model,
+        args.hf_model,
     )
     print(json.dumps(asdict(rec), indent=2) if args.json else format_table(rec))
     far = [c for c in rec.ranked if c.extrapolated]

@@ -13,7 +13,7 @@ records module knows any bench by name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from bench.results import Result
 from efficient.bounds import Bound
@@ -28,6 +28,9 @@ class Bench:
     result: type[Result]  # what ``run`` returns: its fields and how the report shows them (bench/results.py)
     exclusive: bool = True  # a timing bench: it holds its device alone while it runs (bench/device_lock.py)
     bounds: dict[str, Bound] = field(default_factory=dict)  # valid ranges of its numeric settings
+    # (cell) -> the record's ``label`` and ``exact`` where the bench, not the backend, decides them
+    describes: Callable[..., dict[str, Any]] | None = None
+    config_problems: Callable[..., list[str]] | None = None  # (cfg) -> sentences: settings it cannot take together
 
 
 BENCHES: Registry[Bench] = Registry("bench", "benches")

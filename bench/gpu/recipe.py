@@ -105,6 +105,23 @@ REHEARSAL = Profile(
             "bench.repeats=1",
             "bench.min_time_s=0",
         ),
+        "hf_model": (
+            "device=cpu",
+            "dtype=float32",
+            "model.d_model=128",
+            "model.n_heads=4",
+            "model.n_kv_heads=2",
+            "model.d_ff=192",
+            "model.hf_config.vocab_size=101",
+            "bench.warmup=0",
+            "bench.repeats=1",
+            "bench.min_time_s=0",
+            "bench.decode_tokens=2",
+            "bench.max_decode_tokens=2",
+        ),
+        "hf_lengths": ("seq_len=64,128",),
+        "hf_mistral": ("model.hf_config.sliding_window=32",),
+        "hf_window": ("attention.window=32",),
         "lra": (
             "device=cpu",
             "task.n_train=64",
@@ -236,6 +253,22 @@ def field(p: Profile, out: Path) -> list[list[str]]:
     ]
 
 
+def hf_model(p: Profile, out: Path) -> list[list[str]]:
+    """A Llama-3.1-8B- and a Mistral-7B-shaped model, 2 layers, end to end (bench=model): the
+    suite's backends beside transformers' own (the rehearsal: a small Llama and Mistral)."""
+    lengths = p.extra.get("hf_lengths", (f"seq_len={p.lengths(4096, 8192, 16384, 32768)}",))
+    llama = ("experiment=hf_llama_gpu", *lengths, *p.extra.get("hf_model", ()))
+    mistral = ("experiment=hf_mistral_gpu", *lengths, *p.extra.get("hf_model", ()), *p.extra.get("hf_mistral", ()))
+    window = p.extra.get("hf_window", ("attention.window=4096",))
+    baselines = ("attention=full", "bench.hf_attention=eager,sdpa,flex_attention")
+    return [
+        sweep(out, *llama),
+        sweep(out, *llama, *baselines),
+        sweep(out, *mistral, "attention=sliding_window,flex", *window),
+        sweep(out, *mistral, *baselines),
+    ]
+
+
 def lra(p: Profile, out: Path) -> list[list[str]]:
     return [sweep(out, "bench=accuracy", "experiment=lra_listops", "attention=full,linformer_lra", *p.extra["lra"])]
 
@@ -254,6 +287,9 @@ STEPS = (
     Step("maxlen", 90, 40, maxlen, "the longest training step that fits: sdpa, chunked, flex"),
     Step(
         "decode", 120, 45, decode, "decode against 32K and 128K caches, 8 and 1 KV heads: sdpa, flex, xformers splitk"
+    ),
+    Step(
+        "hf_model", 300, 90, hf_model, "Llama-3.1-8B and Mistral-7B shapes, 2 layers, 4K-32K, end to end (bench=model)"
     ),
     Step("scaling", 900, 120, scaling, "experiment=scaling_gpu: every backend 1K-128K, causal and not, every kernel"),
     Step("linformer", 400, 60, linformer, "Linformer's Table 3 to 64K (k = 128, 256) against full and sdpa"),

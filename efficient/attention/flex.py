@@ -23,7 +23,7 @@ the suite does there (docs/upstream.md has their reproductions and mechanisms):
 from __future__ import annotations
 
 import hashlib
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.nn.attention.flex_attention import _DEFAULT_SPARSE_BLOCK_SIZE, create_block_mask, flex_attention
@@ -36,7 +36,7 @@ RECOMPILE_LIMIT = 256
 # (vector bits, head widths) whose compiled CPU kernel writes out of bounds (docs/upstream.md):
 # head_dim % lanes == 0 and head_dim < 24 with 8 float lanes.
 MISCOMPILED_HEAD_DIMS = {256: (8, 16)}
-_compiled = None
+_compiled: dict[bool, Callable] = {}  # dynamic shapes or not -> the compiled kernel
 _block_masks: dict[tuple, object] = {}
 
 
@@ -74,17 +74,18 @@ def pin_cpu_isa() -> None:
             config.cpp.simdlen = None
 
 
-def compiled_flex_attention():
-    global _compiled
-    if _compiled is None:
+def compiled_flex_attention(dynamic: bool = False):
+    """flex_attention compiled for fixed shapes, or (``dynamic``) for a key length that changes
+    from call to call without a recompilation each time (a decode step against a growing cache)."""
+    if dynamic not in _compiled:
         import torch._dynamo
 
         for knob in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), RECOMPILE_LIMIT))
         pin_cpu_isa()
-        _compiled = torch.compile(flex_attention, dynamic=False)
-    return _compiled
+        _compiled[dynamic] = torch.compile(flex_attention, dynamic=dynamic)
+    return _compiled[dynamic]
 
 
 def padding_key(key_padding_mask) -> tuple | None:
@@ -163,8 +164,12 @@ class FlexAttention(ProjectedAttention):
             raise Unsupported("FlexAttention has no attention dropout; set model.dropout=0 to train with flex")
         b, _, n, _ = q.shape
         m = k.shape[-2]
+        causal = causal and n > 1  # a single query at the keys' end sees every key
         mask = block_mask_for(b, n, m, key_padding_mask, causal, self.window, q.device)
-        return compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+        # One query, every key visible: a decode step against a cache that grows (transformers'),
+        # run by a kernel compiled for any key length rather than one compilation per step.
+        kernel = compiled_flex_attention(dynamic=n == 1 and mask is None)
+        return kernel(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
     def attend_cached(self, q, k, v, cache, key_padding_mask, causal):
         """A decode step (one query, no padding, no window) attends over the cache's whole buffer

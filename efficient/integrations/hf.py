@@ -21,14 +21,17 @@ dropped. A query that sees no key (left padding) outputs zeros, not NaN.
 from __future__ import annotations
 
 import functools
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from efficient.attention import Setting, Unsupported, backend_names, build_attention, get_backend
 from efficient.attention.base import ProjectedAttention
+from efficient.models import ModelSize
 
 PREFIX = "efficient_"
 
@@ -152,14 +155,35 @@ def check(core: ProjectedAttention, name: str, pattern: Pattern, query: torch.Te
     )
     if reason := core.cannot_run(setting, **core.options()):
         raise Unsupported(reason)
+    device = query.device.type
+    if torch.is_grad_enabled() and query.requires_grad and not core.trains_on(device, **core.options()):
+        raise Unsupported(f"{name} has no backward on {device}: run its inference under torch.no_grad()")
     if pattern.window is not None and pattern.window < key.shape[2]:
-        own = getattr(core, "window", None)
+        own = getattr(core, "window", None) if name in SLIDING_WINDOW_BACKENDS else None
         if own != pattern.window:
             raise Unsupported(
                 f"{name} cannot apply this layer's sliding window of {pattern.window} keys"
                 + (f" (its window is {own})" if own else "")
-                + f": register sliding_window or flex with window={pattern.window}"
+                + f": use sliding_window or flex with window={pattern.window} (attention.window={pattern.window})"
             )
+
+
+# The backends whose ``window`` option is Mistral's sliding window: the ``window`` latest keys, the
+# query's own included, and nothing else (``longformer``'s window is symmetric and has global tokens).
+SLIDING_WINDOW_BACKENDS = ("sliding_window", "flex")
+
+
+def computes_the_model_s_attention(name: str, options: dict[str, Any], window: int | None, length: int) -> bool:
+    """Whether backend ``name`` with ``options`` computes the model's own attention over ``length``
+    keys (the model's sliding ``window``, None: none), so that it must equal HF's up to rounding;
+    otherwise it is an approximation, known by its error."""
+    capabilities = get_backend(name).capabilities
+    own = options.get("window") if name in SLIDING_WINDOW_BACKENDS else None
+    if not capabilities.exact:
+        return False
+    if own is not None:  # the latest query sees min(window, length) keys, in both
+        return min(own, length) == min(window or length, length)
+    return not capabilities.sparse_mask  # a window the backend lacks is refused (``check``)
 
 
 def register(backend: str | None = None, as_name: str | None = None, **options: Any) -> list[str]:
@@ -182,3 +206,80 @@ def register(backend: str | None = None, as_name: str | None = None, **options: 
         AttentionMaskInterface.register(implementation, pattern_mask)
         registered.append(implementation)
     return registered
+
+
+# The suite's model sizes under the names a transformers config.json uses (GPT-2's first);
+# a missing key/value head count is n_heads, a missing feed-forward width 4 x d_model (GPT-2's).
+SIZE_KEYS = {
+    "d_model": ("hidden_size", "n_embd", "d_model"),
+    "n_heads": ("num_attention_heads", "n_head"),
+    "n_kv_heads": ("num_key_value_heads",),
+    "n_layers": ("num_hidden_layers", "n_layer"),
+    "d_ff": ("intermediate_size", "n_inner"),
+}
+
+
+def json_field(path: str, field: str) -> Any:
+    """``field`` of a transformers ``config.json`` (a file, or a folder holding one): the suite's
+    size names (``d_model``, ``n_heads``, ``n_kv_heads``, ``n_layers``, ``d_ff``) read under
+    transformers' names, any other key as it is. Read without importing transformers: the
+    config resolver ``${hf_json:PATH,FIELD}`` of ``conf/model/hf_json.yaml``."""
+    if not path:
+        raise ValueError("model=hf_json reads the model's sizes from model.config_json=PATH: none given")
+    file = Path(path).expanduser()
+    file = file / "config.json" if file.is_dir() else file
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.config_json={path}: cannot read a transformers config.json there ({e})") from e
+    if "text_config" in config:
+        raise ValueError(f"{file} describes a multimodal model: give the config.json of its text model")
+    if field not in SIZE_KEYS:
+        return config.get(field)
+    value = next((config[k] for k in SIZE_KEYS[field] if config.get(k) is not None), None)
+    if field == "d_ff" and value is None:
+        return 4 * json_field(path, "d_model")
+    if value is None and field != "n_kv_heads":
+        raise ValueError(f"{file} has none of {', '.join(SIZE_KEYS[field])}: the model's {field}")
+    return value
+
+
+def model_config(
+    size: ModelSize,
+    architecture: str | None,
+    fields: dict[str, Any],
+    config_json: str | None,
+    vocab_size: int,
+    positions: int,
+):
+    """A transformers config: ``architecture``'s (its ``model_type``) with ``fields`` (vocabulary,
+    RoPE, sliding window, ...), or a user's ``config_json``, at the suite's ``size`` (width, heads,
+    layers, feed-forward width), with at least ``positions`` positions (the weights are random:
+    nothing limits a model to the length it was trained at). ``vocab_size``: where neither gives one."""
+    from transformers import AutoConfig
+
+    if config_json:
+        config = AutoConfig.from_pretrained(str(Path(config_json).expanduser()))
+    elif architecture:
+        config = AutoConfig.for_model(architecture, **({"vocab_size": vocab_size} | dict(fields)))
+    else:
+        raise Unsupported("an HF model needs model.architecture (e.g. llama, mistral, gpt2) or model.config_json")
+    config.hidden_size, config.num_attention_heads = size.d_model, size.n_heads
+    config.num_hidden_layers = size.n_layers
+    kv_heads = size.n_kv_heads or size.n_heads
+    if hasattr(config, "num_key_value_heads"):
+        config.num_key_value_heads = kv_heads
+    elif kv_heads != size.n_heads:
+        raise Unsupported(f"{config.model_type} has no grouped-query attention: model.n_kv_heads must be n_heads")
+    setattr(config, "intermediate_size" if hasattr(config, "intermediate_size") else "n_inner", size.d_ff)
+    head_dim = size.d_model // size.n_heads
+    given = json_field(config_json, "head_dim") if config_json else fields.get("head_dim")
+    if given not in (None, head_dim):
+        raise Unsupported(
+            f"this {config.model_type} has heads {given} wide, not d_model / n_heads = {head_dim}: "
+            "not a shape the suite's records describe"
+        )
+    if hasattr(config, "head_dim"):  # derived from the defaults' width when the config was made
+        config.head_dim = head_dim
+    config.max_position_embeddings = max(config.max_position_embeddings, positions)
+    return config
