@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -54,6 +55,9 @@ def main(cfg) -> None:
     group = Path(hydra_cfg.sweep.dir).name if sweeping else None
     root = Path(hydra_cfg.sweep.dir) if sweeping else output_dir  # where resume=true looks
     bench.config.check_values(cfg)  # a sweep's jobs were checked before launch (hydra/sweeper=cells)
+    if launcher_rank() > 0:  # one of several processes of one job (torchrun): rank 0 records it
+        run_job(cfg)
+        return
     record = new_record(cfg)
     if cfg.resume and (done := resume.skip_if_recorded(root, record, output_dir)):
         print(f"{tracking.run_name(record)}: skipped, already recorded ({done['status']}) in {done['_path']}")
@@ -69,6 +73,19 @@ def main(cfg) -> None:
         print(f"  note: {note}")
 
 
+def launcher_rank() -> int:
+    """This process's rank where torchrun (or SLURM tasks) started several for one job, else 0."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
+def quiet_rank_overrides() -> list[str]:
+    """For ranks other than 0: Hydra writes its folders and logs in a private temporary folder."""
+    if launcher_rank() == 0:
+        return []
+    folder = Path(tempfile.gettempdir()) / f"efficient-attention-rank{launcher_rank()}"
+    return [f"hydra.run.dir={folder}/run", f"hydra.sweep.dir={folder}/sweep", "hydra.output_subdir=null"]
+
+
 def summary_line(r: dict) -> str:
     """One line per job: the status, and the measurements its bench names as headlines."""
     cell = f"{tracking.run_name(r)}:"
@@ -81,5 +98,5 @@ def summary_line(r: dict) -> str:
 
 if __name__ == "__main__":
     importable_in_jobs()
-    sys.argv = [sys.argv[0], *(plus_experiment_as_override(sys.argv[1:]) or main_job())]
+    sys.argv = [sys.argv[0], *(plus_experiment_as_override(sys.argv[1:]) or main_job()), *quiet_rank_overrides()]
     main()

@@ -52,7 +52,7 @@ FIELDS = {
     "label": "the backend and the options set away from its defaults when measured, e.g. 'sdpa[kernel=flash]'",
     "exact": "true: equal to full softmax attention up to rounding; false: an approximation, or exact "
     "only under its own sparse mask",
-    "bench": "what the job measured (conf/bench/<name>.yaml): speed, decode, maxlen, xl_eval, accuracy, ...",
+    "bench": "what the job measured (conf/bench/<name>.yaml): speed, decode, maxlen, xl_eval, accuracy, model, ...",
     "task": "synthetic or a data task",
     "scope": "attention (one layer) | model (the whole stack), for a bench that measures a step",
     "seq_len": "tokens per sequence",

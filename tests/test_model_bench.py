@@ -202,3 +202,17 @@ def test_pick_ranks_the_model_s_backends_by_prefill_decode_or_training_step(tmp_
         (tmp_path / f"{i}").mkdir()
         (tmp_path / f"{i}" / "result.json").write_text(json.dumps(record))
     assert main([str(tmp_path), "--seq-len", "40", "--hf-model", "--inference"]) == 0
+
+
+def test_a_training_step_over_the_budget_is_left_out_and_the_rest_measured(tmp_path):
+    from bench.benches.model import hf_config, predicted_bytes
+    from bench.cell import Cell
+
+    cell = Cell.of(compose(*TINY, "attention=sdpa"), "cpu")
+    positions = 40 + 3  # seq_len and the decode steps
+    weights, prefill, training = predicted_bytes(cell, *hf_config(cell, positions), positions)
+    assert prefill < training
+    between = (weights + (prefill + training) / 2) / 2**30
+    record = measured("attention=sdpa", f"bench.memory_budget_gib={between}", tmp_path=tmp_path)
+    assert record["status"] == "ok" and record["prefill_ms"] > 0 and record["fwd_bwd_ms"] is None
+    assert "no training step: its predicted peak" in record["note"]

@@ -35,7 +35,7 @@ from bench.cell import Cell, PredictedOOM
 from bench.measure import MIB
 from bench.output_check import WrongOutput, beyond_tolerance, nonfinite
 from bench.results import Result, measured
-from efficient.attention import Unavailable, Unsupported
+from efficient.attention import Unavailable, Unsupported, as_value, get_backend
 from efficient.bounds import Bound
 from efficient.integrations import hf
 
@@ -125,7 +125,7 @@ class ModelResult(Result):
         scaling="training memory",
     )
     weights_mib: float = measured("the model's weights, MiB")
-    predicted_mem_mib: float = measured("the guard's prediction of the larger peak above the weights, MiB")
+    predicted_mem_mib: float = measured("the memory model's larger peak above the weights (prefill or training), MiB")
     max_abs_err: float = measured(
         "max |final hidden states - the same model's with HF's sdpa|",
         pivot="Max abs error of the final hidden states against HF's sdpa",
@@ -167,13 +167,17 @@ def model_window(cell: Cell) -> int | None:
 
 
 def config_problems(cfg) -> list[str]:
-    chosen = str(cfg.bench.hf_attention).split(".")[-1]
-    if chosen != "suite" and cfg.attention.name != "full":
-        return [
-            f"bench.hf_attention={chosen} runs transformers' own attention, not attention={cfg.attention.name}: "
-            "run it with attention=full (the records are labelled hf:" + chosen + ")"
-        ]
-    return []
+    chosen = as_value(cfg.bench.hf_attention)
+    if chosen == HFAttention.suite.value or cfg.attention.name == "full":
+        return []
+    return [
+        f"bench.hf_attention={chosen} runs transformers' own attention, not attention={cfg.attention.name}: "
+        f"run it with attention=full (its records are labelled hf:{chosen})"
+    ]
+
+
+# transformers' own implementations -> the suite backend whose memory model stands for theirs
+MEMORY_LIKE = {"eager": "full", "sdpa": "sdpa", "flex_attention": "flex"}
 
 
 def hf_config(cell: Cell, positions: int):
@@ -196,19 +200,21 @@ def hf_config(cell: Cell, positions: int):
     return config, parameters
 
 
-def predicted_bytes(cell: Cell, config, parameters: int, positions: int) -> tuple[float, float]:
-    """(weights, the larger of the prefill's and the training step's peaks above them): the cache;
-    a layer's attention core and activations (prefill), every layer's (training); the logits of
-    every position with their loss and gradient (training); the gradients."""
+def predicted_bytes(cell: Cell, config, parameters: int, positions: int) -> tuple[float, float, float]:
+    """(weights, the prefill's peak above them, the training step's): the prefill holds the cache,
+    one layer's activations and attention core; the training step every layer's, the logits of
+    every position with their loss and gradient, and the gradients."""
     element = cell.element_size
     shape = cell.shape()
     b, n, d, layers = cell.batch_size, cell.seq_len, cell.model.d_model, cell.model.n_layers
     activations = b * n * (d * 8 + cell.model.d_ff * 3) * element  # one layer's, its attention core aside
     cache = 2 * layers * b * positions * cell.n_kv_heads * cell.head_dim * element
-    prefill = cache + activations + cell.backend.memory_bytes(shape, False, **cell.options)
-    core = cell.backend.memory_bytes(shape, True, **cell.options)
+    chosen = cell.bench.hf_attention.value
+    backend, options = (cell.backend, cell.options) if chosen == "suite" else (get_backend(MEMORY_LIKE[chosen]), {})
+    prefill = cache + activations + backend.memory_bytes(shape, False, **options)
+    core = backend.memory_bytes(shape, True, **options)
     training = layers * (activations + core) + 3 * b * n * config.vocab_size * 4 + parameters * element
-    return parameters * element, max(prefill, training if cell.bench.backward else 0)
+    return parameters * element, prefill, training
 
 
 def run_model(cell: Cell, **context) -> ModelResult:
@@ -219,14 +225,15 @@ def run_model(cell: Cell, **context) -> ModelResult:
     decode_steps = bench.warmup + max(bench.decode_tokens, bench.max_decode_tokens if bench.min_time_s > 0 else 0)
     positions = n + decode_steps
     config, parameters = hf_config(cell, positions)
-    weights, predicted = predicted_bytes(cell, config, parameters, positions)
+    weights, prefill_bytes, training_bytes = predicted_bytes(cell, config, parameters, positions)
     budget = measure.memory_budget_bytes(device, bench.memory_budget_gib)
-    if weights + predicted > budget:
+    if weights + prefill_bytes > budget:
         raise PredictedOOM(
-            f"predicted peak {(weights + predicted) / measure.GIB:,.1f} GiB (weights "
+            f"predicted prefill peak {(weights + prefill_bytes) / measure.GIB:,.1f} GiB (weights "
             f"{weights / measure.GIB:,.1f}) exceeds the budget of {budget / measure.GIB:,.1f} GiB "
-            "(bench.memory_budget_gib; fewer model.n_layers or bench.backward=false need less); not run"
+            "(bench.memory_budget_gib; fewer model.n_layers need less); not run"
         )
+    train = bench.backward and weights + training_bytes <= budget
     from transformers import AutoModelForCausalLM
 
     name = implementation(cell)
@@ -236,7 +243,7 @@ def run_model(cell: Cell, **context) -> ModelResult:
     prompt = tokens[:, :n]
     timing = dict(warmup=bench.warmup, repeats=bench.repeats, min_time_s=bench.min_time_s)
     result = dict(architecture=config.model_type, parameters=parameters, weights_mib=weights / MIB)
-    result["predicted_mem_mib"] = predicted / MIB
+    result["predicted_mem_mib"] = max(prefill_bytes, training_bytes if bench.backward else 0) / MIB
     problems = []
 
     with torch.no_grad():
@@ -278,7 +285,12 @@ def run_model(cell: Cell, **context) -> ModelResult:
             result["max_abs_err"] = error
             problems.append(problem)
 
-    if bench.backward and name.startswith(hf.PREFIX) and not cell.backend.trains_on(device, **cell.options):
+    if bench.backward and not train:
+        result["note"] = (
+            f"no training step: its predicted peak {(weights + training_bytes) / measure.GIB:,.1f} GiB exceeds "
+            f"the budget of {budget / measure.GIB:,.1f} GiB (bench.memory_budget_gib)"
+        )
+    elif bench.backward and name.startswith(hf.PREFIX) and not cell.backend.trains_on(device, **cell.options):
         result["note"] = f"no training step: {cell.attention} has no backward on {device}" + cell.option_words()
     elif bench.backward:
         losses = []

@@ -74,9 +74,10 @@ def pattern_mask(
         raise Unsupported(f"queries at key positions {shift}.. of {kv_length}: not aligned with the keys' end")
     causal = mask_function is None or not _allows(mask_function, q_offset, q_offset + 1)
     pattern = Pattern(padding, causal, local_size)
-    probe = range(max(0, q_offset - 2 * (local_size or 2)), q_offset + 3)
-    for q in range(q_offset, q_offset + 3):
-        for kv in probe:
+    for q in range(q_offset, q_offset + 3):  # the pattern's edges (the causal one, the window's) and far keys
+        edges = (0, q // 2, q - 1, q, q + 1)
+        edges += (q - local_size - 1, q - local_size, q - local_size + 1) if local_size else ()
+        for kv in (kv for kv in edges if kv >= 0):
             expected = (not causal or kv <= q) and (local_size is None or kv > q - local_size)
             if _allows(mask_function, q, kv) != expected:
                 raise Unsupported(

@@ -1,0 +1,111 @@
+"""Context parallelism (efficient/context_parallel.py) on CPU with gloo: 1, 2 and 4 processes, each
+holding its zigzag part of one sequence. Outputs and gradients equal single-process exact
+attention over the whole sequence: causal or not, a length that 2P divides or not, padded keys,
+grouped-query heads."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from efficient import context_parallel as cp
+from efficient.attention.functional import exact_attention
+
+B, HEADS, KV_HEADS, HEAD_DIM = 2, 4, 2, 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def inputs(n: int, dtype: torch.dtype, padded: bool):
+    """q, k, v, the gradient of the output, and the key padding (the second sequence's last 5
+    tokens padding), the same on every rank."""
+    g = torch.Generator().manual_seed(n)
+    q = torch.randn(B, HEADS, n, HEAD_DIM, generator=g, dtype=dtype)
+    k, v = (torch.randn(B, KV_HEADS, n, HEAD_DIM, generator=g, dtype=dtype) for _ in range(2))
+    grad = torch.randn(B, HEADS, n, HEAD_DIM, generator=g, dtype=dtype)
+    real = torch.ones(B, n, dtype=torch.bool)
+    if padded:
+        real[1, -5:] = False
+    return q, k, v, grad, real
+
+
+def reference(n, dtype, causal, padded):
+    """Single-process exact attention over the whole sequence: output and q, k, v gradients."""
+    q, k, v, grad, real = inputs(n, dtype, padded)
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out = exact_attention(q, k, v, real if padded else None, causal)
+    (out * grad).sum().backward()
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def rank_main(rank, world, port, folder, strategy, n, dtype, causal, padded):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        q, k, v, grad, real = inputs(n, dtype, padded)
+        mine = [cp.shard(t, rank, world).clone().requires_grad_() for t in (q, k, v)]
+        key_real = cp.local_padding(real if padded else None, n, B, rank, world, q.device)
+        if strategy == "ring":
+            out = cp.ring_attention(*mine, key_real, causal)
+        else:
+            out = cp.allgather_attention(*mine, key_real, causal, exact_attention)
+        (out * cp.shard(grad, rank, world)).sum().backward()
+        torch.save([out.detach()] + [t.grad for t in mine], f"{folder}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_ranks(world, tmp_path, *args):
+    mp.start_processes(rank_main, args=(world, free_port(), str(tmp_path), *args), nprocs=world, start_method="fork")
+    per_rank = [torch.load(tmp_path / f"{rank}.pt") for rank in range(world)]
+    return [cp.unshard([parts[i] for parts in per_rank], args[1]) for i in range(4)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("strategy", cp.STRATEGIES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n", [48, 37])  # 37: not a multiple of 2P, the layout pads
+def test_outputs_and_gradients_equal_single_process_attention_float64(world, strategy, causal, n, tmp_path):
+    got = run_on_ranks(world, tmp_path, strategy, n, torch.float64, causal, True)
+    expected = reference(n, torch.float64, causal, True)
+    for name, g, e in zip(("output", "dq", "dk", "dv"), got, expected):
+        assert (g - e).abs().max() < 1e-10, name
+
+
+@pytest.mark.parametrize("strategy", cp.STRATEGIES)
+def test_float32_within_1e_5(strategy, tmp_path):
+    got = run_on_ranks(2, tmp_path, strategy, 40, torch.float32, True, False)
+    expected = reference(40, torch.float32, True, False)
+    for name, g, e in zip(("output", "dq", "dk", "dv"), got, expected):
+        assert (g - e).abs().max() < 1e-5, name
+
+
+def test_the_ring_s_tiles_merge_exactly(monkeypatch, tmp_path):
+    """Tiles smaller than a chunk: the log-sum-exp merge inside a block is exercised too."""
+    monkeypatch.setattr(cp, "TILE", 5)
+    got = run_on_ranks(2, tmp_path, "ring", 48, torch.float64, True, True)
+    expected = reference(48, torch.float64, True, True)
+    for g, e in zip(got, expected):
+        assert (g - e).abs().max() < 1e-10
+
+
+def test_the_zigzag_layout_balances_the_causal_work():
+    """Rank r holds chunks r and 2P-1-r: every rank sees the same number of (query, key) pairs."""
+    world, c = 4, 8
+    work = []
+    for rank in range(world):
+        positions = cp.shard(torch.arange(2 * world * c)[:, None], rank, world, dim=0).flatten()
+        work.append(int((positions + 1).sum()))  # query at position i sees i + 1 keys
+    assert len(set(work)) == 1 and math.isclose(sum(work), (2 * world * c) * (2 * world * c + 1) / 2)
+    parts = [cp.shard(torch.arange(37)[None], r, 3, dim=-1) for r in range(3)]
+    assert torch.equal(cp.unshard(parts, 37, dim=-1), torch.arange(37)[None])
