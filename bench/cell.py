@@ -80,6 +80,14 @@ class Architecture:
             fields = OmegaConf.to_container(fields, resolve=True)
         return cls(model.get("architecture") or "llama", MappingProxyType(fields), model.get("config_json"))
 
+    def __reduce__(self):  # a read-only mapping does not pickle (a spawned process gets a copy)
+        return rebuilt, (type(self), {**vars(self), "fields": dict(self.fields)})
+
+
+def rebuilt(cls: type, values: dict):
+    """A frozen dataclass of ``values`` whose plain dicts become read-only mappings again."""
+    return cls(**{k: MappingProxyType(v) if isinstance(v, dict) else v for k, v in values.items()})
+
 
 class PredictedOOM(Exception):
     """The memory model predicts that the cell does not fit the budget; nothing was run."""
@@ -147,6 +155,9 @@ class Cell:
             seed=cfg.seed,
             architecture=Architecture.of(cfg.model),
         )
+
+    def __reduce__(self):  # a read-only mapping does not pickle (a spawned process gets a copy)
+        return rebuilt, (type(self), {**vars(self), "options": dict(self.options)})
 
     def at(self, **changes: Any) -> Cell:
         """This cell with other values, e.g. ``cell.at(seq_len=8192)``."""

@@ -157,7 +157,7 @@ def exchange(tensors: list[torch.Tensor], group) -> tuple[list[torch.Tensor], li
     if world == 1:
         return tensors, []
     to, frm = (dist.get_global_rank(group, (rank + step) % world) for step in (1, -1))
-    received = [torch.empty_like(t) for t in tensors]
+    received = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
     SENT["bytes"] += sum(t.numel() * t.element_size() for t in tensors)
     ops = [dist.P2POp(dist.isend, t.contiguous(), to, group) for t in tensors]
     ops += [dist.P2POp(dist.irecv, r, frm, group) for r in received]

@@ -7,23 +7,17 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bench.benches.context_parallel import free_port
 from efficient import context_parallel as cp
 from efficient.attention.functional import exact_attention
 
 B, HEADS, KV_HEADS, HEAD_DIM = 2, 4, 2, 16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def inputs(n: int, dtype: torch.dtype, padded: bool):
@@ -66,12 +60,12 @@ def rank_main(rank, world, port, folder, strategy, n, dtype, causal, padded):
 
 
 def run_on_ranks(world, tmp_path, *args):
-    mp.start_processes(rank_main, args=(world, free_port(), str(tmp_path), *args), nprocs=world, start_method="fork")
+    mp.start_processes(rank_main, args=(world, free_port(), str(tmp_path), *args), nprocs=world, start_method="spawn")
     per_rank = [torch.load(tmp_path / f"{rank}.pt") for rank in range(world)]
     return [cp.unshard([parts[i] for parts in per_rank], args[1]) for i in range(4)]
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", [1, 2, pytest.param(4, marks=pytest.mark.slow)])  # 4: a process each, ~5 s a test
 @pytest.mark.parametrize("strategy", cp.STRATEGIES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("n", [48, 37])  # 37: not a multiple of 2P, the layout pads
@@ -109,3 +103,63 @@ def test_the_zigzag_layout_balances_the_causal_work():
     assert len(set(work)) == 1 and math.isclose(sum(work), (2 * world * c) * (2 * world * c + 1) / 2)
     parts = [cp.shard(torch.arange(37)[None], r, 3, dim=-1) for r in range(3)]
     assert torch.equal(cp.unshard(parts, 37, dim=-1), torch.arange(37)[None])
+
+
+# ---- bench=context_parallel ------------------------------------------------------------------
+
+LAYER = ("bench=context_parallel", "seq_len=96", "model.d_model=64", "model.n_heads=4", "device=cpu", "bench.repeats=2")
+
+
+@pytest.mark.parametrize("strategy, backend", [("ring", "full"), ("allgather", "sdpa")])
+def test_a_job_splits_the_sequence_over_its_ranks_and_records_it(strategy, backend, tmp_path):
+    from conftest import compose
+
+    from bench.harness import run_job
+
+    cfg = compose(*LAYER, f"bench.strategy={strategy}", f"attention={backend}", "causal=true", "bench.ranks=2")
+    record = run_job(cfg, output_dir=tmp_path)
+    assert record["status"] == "ok", record.get("reason")
+    assert record["label"] == f"{strategy} x2: {backend}" and record["ranks"] == 2 and record["tokens_per_rank"] == 48
+    assert record["max_abs_err"] < 1e-5 and "one process" in record["reference"]
+    assert record["fwd_ms"] > 0 and record["fwd_bwd_ms"] > 0 and len(record["rank_peak_mem_mib"]) == 2
+    assert record["sent_mib"] == pytest.approx(record["model_sent_mib"])  # counted at the calls = the model
+
+
+def test_the_ring_computes_its_own_blocks_and_says_so():
+    from conftest import compose
+
+    from bench.config import value_problems
+
+    (problem,) = value_problems(compose(*LAYER, "attention=sdpa"))
+    assert "bench.strategy=ring computes its blocks itself" in problem and "bench.strategy=allgather" in problem
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_job_fails_the_job_with_nothing_kept(tmp_path):
+    import threading
+    import time
+
+    import psutil
+    from conftest import compose
+
+    from bench.harness import run_job
+
+    cfg = compose(*LAYER, "attention=full", "bench.ranks=2", "bench.repeats=100000", "bench.check_error=false")
+
+    def kill_a_rank():
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            ranks = [p for p in psutil.Process().children(recursive=True) if "spawn" in " ".join(p.cmdline())]
+            if len(ranks) == 2:
+                time.sleep(8)  # both started and stepping
+                ranks[1].kill()
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_a_rank)
+    killer.start()
+    record = run_job(cfg, output_dir=tmp_path)
+    killer.join()
+    assert record["status"] == "error" and record["final"] is False
+    assert "ended during the job" in record["reason"] and "no figure is kept" in record["reason"]
+    assert record["fwd_ms"] is None and record["max_abs_err"] is None

@@ -52,7 +52,7 @@ def test_first_is_the_first_pass_and_next_goes_on_from_the_first_step_not_done()
             "maxlen": {"status": "skipped"},
         }
     }
-    assert names(recipe.plan("next", state))[:4] == ["kernels", "maxlen", "decode", "scaling"]
+    assert names(recipe.plan("next", state))[:5] == ["kernels", "maxlen", "decode", "hf_model", "context_parallel"]
     assert names(recipe.plan("next", state))[-1] == "lra"
     assert names(recipe.plan("decode", state)) == ["decode"]
 

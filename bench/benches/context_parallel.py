@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from bench import measure
 from bench.benches import Bench, register_bench
@@ -74,6 +75,7 @@ class ContextParallelResult(Result):
     strategy: str = measured("ring | allgather", column="strategy")
     ranks: int = measured("processes the sequence is split across (P)", column="P")
     tokens_per_rank: int = measured("tokens each rank holds (the sequence padded to 2P chunks) / P")
+    threads_per_rank: int = measured("CPU threads each rank computes with (bench.threads)")
     fwd_ms: float = measured(
         "median over repeats of the slowest rank's forward, ms",
         pivot="Forward latency, ms (median of the slowest rank)",
@@ -227,6 +229,7 @@ def measure_rank(rank: int, world: int, cell: Cell) -> dict | None:
 
     steps = [("fwd", forward)] + ([("fwd_bwd", forward_backward)] if bench.backward else [])
     figures: dict = {"strategy": bench.strategy.value, "ranks": world, "tokens_per_rank": x.shape[1]}
+    figures["threads_per_rank"] = torch.get_num_threads() if device == "cpu" else None
     for name, fn in steps:
         per_repeat = slowest(timed(fn, device, bench.repeats, bench.warmup))
         figures[f"{name}_ms"] = statistics.median(per_repeat)
@@ -283,6 +286,10 @@ def compared(cell: Cell, layer: Attention, gathered: torch.Tensor, world: int) -
     return error, problem, where
 
 
+class RankFailed(RuntimeError):
+    """One of the job's processes failed or was killed: the job is an error, with nothing measured kept."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -307,10 +314,21 @@ def run_context_parallel(cell: Cell, **context) -> ContextParallelResult:
     else:
         with tempfile.TemporaryDirectory() as folder:
             out_file = str(Path(folder) / "rank0.pkl")
-            torch.multiprocessing.start_processes(
-                spawned_rank, args=(cell.bench.ranks, cell, out_file, free_port()), nprocs=cell.bench.ranks,
-                start_method="spawn",
-            )  # fmt: skip
+            try:
+                torch.multiprocessing.start_processes(
+                    spawned_rank,
+                    args=(cell.bench.ranks, cell, out_file, free_port()),
+                    nprocs=cell.bench.ranks,
+                    start_method="spawn",
+                )
+            except ProcessExitedException as e:  # killed, or exited without a word: the others are stopped
+                raise RankFailed(
+                    f"rank {e.error_index} of {cell.bench.ranks} ended during the job ({e}); the other ranks "
+                    "were stopped and no figure is kept"
+                ) from None
+            except ProcessRaisedException as e:
+                last = str(e).strip().splitlines()[-1]
+                raise RankFailed(f"rank {e.error_index} of {cell.bench.ranks} failed: {last}") from None
             figures = pickle.loads(Path(out_file).read_bytes())
     problem = figures.pop("problem", None)
     result = ContextParallelResult(**figures)

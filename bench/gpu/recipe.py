@@ -120,6 +120,9 @@ REHEARSAL = Profile(
             "bench.max_decode_tokens=2",
         ),
         "hf_lengths": ("seq_len=64,128",),
+        "cp_lengths": ("seq_len=64",),
+        "cp_ranks": ("bench.ranks=2",),
+        "cp": ("bench.repeats=1", "bench.warmup=0"),
         "hf_mistral": ("model.hf_config.sliding_window=32",),
         "hf_window": ("attention.window=32",),
         "lra": (
@@ -270,6 +273,15 @@ def hf_model(p: Profile, out: Path) -> list[list[str]]:
     ]
 
 
+def context_parallel(p: Profile, out: Path) -> list[list[str]]:
+    """One sequence on as many ranks as the node has GPUs (one H200: a single rank, the
+    strategies' cost against one process; several GPUs: the scaling), 16K-64K, causal."""
+    lengths = p.extra.get("cp_lengths", (f"seq_len={p.lengths(16384, 32768, 65536)}",))
+    ranks = p.extra.get("cp_ranks", ("bench.ranks=${oc.env:GPUS,1}",))
+    cells = ("bench=context_parallel", "causal=true", *p.cell, *lengths, *ranks, *p.extra.get("cp", ()))
+    return [sweep(out, *cells, "attention=full"), sweep(out, *cells, "bench.strategy=allgather", "attention=sdpa")]
+
+
 def lra(p: Profile, out: Path) -> list[list[str]]:
     return [sweep(out, "bench=accuracy", "experiment=lra_listops", "attention=full,linformer_lra", *p.extra["lra"])]
 
@@ -291,6 +303,13 @@ STEPS = (
     ),
     Step(
         "hf_model", 300, 90, hf_model, "Llama-3.1-8B and Mistral-7B shapes, 2 layers, 4K-32K, end to end (bench=model)"
+    ),
+    Step(
+        "context_parallel",
+        120,
+        45,
+        context_parallel,
+        "one sequence over the node's GPUs (bench.ranks = $GPUS, default 1): ring and all-gather, 16K-64K",
     ),
     Step("scaling", 900, 120, scaling, "experiment=scaling_gpu: every backend 1K-128K, causal and not, every kernel"),
     Step("linformer", 400, 60, linformer, "Linformer's Table 3 to 64K (k = 128, 256) against full and sdpa"),
