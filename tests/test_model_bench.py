@@ -44,7 +44,7 @@ def test_an_exact_backend_inside_llama_gives_hf_sdpa_s_hidden_states(backend, tm
     skip_unless_available(backend, Setting("cpu", "float32", causal=True, head_dim=32))
     record = measured(f"attention={backend}", tmp_path=tmp_path)
     assert record["status"] == "ok", record.get("reason")
-    assert record["max_abs_err"] < 1e-5 and "HF's sdpa" in record["reference"]
+    assert record["max_abs_err"] < 1e-5 and "HF's sdpa" in record["reference"] and record["reference_scale"] > 0
     assert record["architecture"] == "llama" and record["label"] == backend and record["exact"]
     assert record["prefill_ms"] > 0 and record["decode_samples"] == 3 and record["decode_ms"] > 0
     assert record["prefill_peak_mem_mib"] > 0 and record["d_model"] == 128 and record["n_kv_heads"] == 2

@@ -133,6 +133,7 @@ class ModelResult(Result):
         fmt=".1e",
         headline="err {:.1e}",
     )
+    reference_scale: float = measured("max |the reference's final hidden states|: the scale of max_abs_err")
     reference: str = measured("what max_abs_err compares against")
     note: str = measured("what was not measured, and why")
 
@@ -281,9 +282,9 @@ def run_model(cell: Cell, **context) -> ModelResult:
         )
 
         if bench.check_error:
-            error, problem, result["reference"] = compared_with_sdpa(cell, model, prompt, name)
-            result["max_abs_err"] = error
-            problems.append(problem)
+            compared = compared_with_sdpa(cell, model, prompt, name)
+            problems.append(compared.pop("problem", None))
+            result.update(compared)
 
     if bench.backward and not train:
         result["note"] = (
@@ -320,25 +321,28 @@ def finished(result: ModelResult, problems: list[str | None]) -> ModelResult:
     return result
 
 
-def compared_with_sdpa(cell: Cell, model, prompt, name: str) -> tuple[float | None, str | None, str]:
-    """(max |final hidden states - HF sdpa's|, why the output is wrong or None, what was compared)."""
+def compared_with_sdpa(cell: Cell, model, prompt, name: str) -> dict:
+    """``max_abs_err`` (final hidden states against HF sdpa's), ``reference_scale``, ``reference``,
+    and ``problem``: why the output is wrong, or None."""
     hidden = model.base_model(prompt).last_hidden_state  # [b, n, d]
     if problem := nonfinite(hidden, "the final hidden states", HIDDEN_DIMS):
-        return float("nan"), problem, "HF's sdpa"
+        return {"max_abs_err": float("nan"), "problem": problem, "reference": "HF's sdpa"}
     if name == "sdpa":
-        return None, None, "this is HF's sdpa: the reference itself"
+        return {"reference": "this is HF's sdpa: the reference itself", "reference_scale": hidden.abs().max().item()}
     model.set_attn_implementation("sdpa")
     try:
         expected = model.base_model(prompt).last_hidden_state
     finally:
         model.set_attn_implementation(name)
     where = f"the same model with HF's sdpa, same weights and tokens, {cell.dtype} on {cell.device}"
+    compared = {"reference": where, "reference_scale": expected.abs().max().item()}
     if not describes(cell)["exact"]:
-        return (hidden - expected).abs().max().item(), None, where + " (an approximation: not checked)"
+        error = (hidden - expected).abs().max().item()
+        return {**compared, "max_abs_err": error, "reference": where + " (an approximation: not checked)"}
     tolerance = cell.backend.capabilities.tolerance.get(cell.dtype) if name.startswith(hf.PREFIX) else None
     tolerance = tolerance or TOLERANCE.get(cell.dtype, 1e-2)
     error, problem = beyond_tolerance(hidden, expected, tolerance, "the final hidden states", HIDDEN_DIMS)
-    return error, problem, where
+    return {**compared, "max_abs_err": error, "problem": problem}
 
 
 # transformers' own implementations against its sdpa: rounding of each dtype, as the exact backends'.
