@@ -138,6 +138,38 @@ def block_backward(q, k, v, mask, scale, dout, lse, delta, dq, dk, dv):
             dk[:, :, j : j + TILE] += einsum(ds, qi, "b h n m, b h n d -> b h m d") * scale
 
 
+def fused_forward(q, k, v, mask, diagonal: bool, scale, out, lse):
+    """``block_forward`` by torch's fused CPU flash kernel (which returns the log-sum-exp): no
+    [c, c] scores, except an additive mask where some keys are padding."""
+    bias = additive(mask, q.dtype)
+    o, s = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, diagonal and bias is None, attn_mask=bias, scale=scale
+    )
+    if bias is not None:  # a row that sees no key: the kernel says lse 0, it is -inf
+        s = s.masked_fill(~mask.any(-1), -math.inf)
+    out[:], lse[:] = merged(out, lse, o, s)
+
+
+def fused_backward(q, k, v, mask, diagonal: bool, scale, dout, out, lse, dq, dk, dv):
+    """``block_backward`` by torch's fused CPU flash kernel, from the whole output and log-sum-exp."""
+    bias = additive(mask, q.dtype)
+    lse = lse.masked_fill(lse == -math.inf, math.inf)  # a query that sees nothing anywhere: P = 0
+    dq_, dk_, dv_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, diagonal and bias is None, attn_mask=bias, scale=scale
+    )
+    dq += dq_
+    dk += dk_
+    dv += dv_
+
+
+def additive(mask: torch.Tensor, dtype) -> torch.Tensor | None:
+    """None where every key is real (the kernel's own causal flag does the diagonal), else the
+    bool mask as 0 / -inf in ``dtype``."""
+    if bool(mask[..., -1:, :].all()):  # the last query row sees every key of the block: no padding
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, -math.inf)
+
+
 def grouped(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     """[b, hk, m, d] -> [b, n_heads, m, d]: a key/value head for each query head of its group."""
     return t if t.shape[1] == n_heads else t.repeat_interleave(n_heads // t.shape[1], dim=1)
@@ -175,7 +207,7 @@ def pairs(rank: int, owner: int, world: int, causal: bool):
 
 class RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, key_real, causal: bool, scale: float, group):
+    def forward(ctx, q, k, v, key_real, causal: bool, scale: float, group, fused: bool):
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         b, h, n_local, d = q.shape
         c = n_local // 2
@@ -193,20 +225,26 @@ class RingAttention(torch.autograd.Function):
                 mask = visible(qc, kc, causal, real[:, kh * c : (kh + 1) * c])
                 rows = slice(qh * c, (qh + 1) * c)
                 keys = slice(kh * c, (kh + 1) * c)
-                block_forward(
-                    qw[:, :, rows], kb[:, :, keys], vb[:, :, keys], mask, scale, out[:, :, rows], lse[:, :, rows]
-                )
+                if fused:
+                    fused_forward(
+                        qw[:, :, rows], kb[:, :, keys], vb[:, :, keys], mask, qc == kc and causal, scale,
+                        out[:, :, rows], lse[:, :, rows],
+                    )  # fmt: skip
+                else:
+                    block_forward(
+                        qw[:, :, rows], kb[:, :, keys], vb[:, :, keys], mask, scale, out[:, :, rows], lse[:, :, rows]
+                    )
             for request in requests:
                 request.wait()
             block = incoming
         ctx.save_for_backward(q, k, v, key_real, out, lse)
-        ctx.causal, ctx.scale, ctx.group = causal, scale, group
+        ctx.causal, ctx.scale, ctx.group, ctx.fused = causal, scale, group, fused
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, key_real, out, lse = ctx.saved_tensors
-        causal, scale, group = ctx.causal, ctx.scale, ctx.group
+        causal, scale, group, fused = ctx.causal, ctx.scale, ctx.group, ctx.fused
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         h, hk, c = q.shape[1], k.shape[1], q.shape[2] // 2
         work = out.dtype
@@ -222,10 +260,17 @@ class RingAttention(torch.autograd.Function):
             for qh, kh, qc, kc in pairs(rank, owner, world, causal):
                 mask = visible(qc, kc, causal, real[:, kh * c : (kh + 1) * c])
                 rows, keys = slice(qh * c, (qh + 1) * c), slice(kh * c, (kh + 1) * c)
-                block_backward(
-                    qw[:, :, rows], kb[:, :, keys], vb[:, :, keys], mask, scale, do[:, :, rows],
-                    lse[:, :, rows], delta[:, :, rows], dq[:, :, rows], dkb[:, :, keys], dvb[:, :, keys],
-                )  # fmt: skip
+                if fused:
+                    fused_backward(
+                        qw[:, :, rows], kb[:, :, keys], vb[:, :, keys], mask, qc == kc and causal, scale,
+                        do[:, :, rows], out[:, :, rows], lse[:, :, rows], dq[:, :, rows], dkb[:, :, keys],
+                        dvb[:, :, keys],
+                    )  # fmt: skip
+                else:
+                    block_backward(
+                        qw[:, :, rows], kb[:, :, keys], vb[:, :, keys], mask, scale, do[:, :, rows],
+                        lse[:, :, rows], delta[:, :, rows], dq[:, :, rows], dkb[:, :, keys], dvb[:, :, keys],
+                    )  # fmt: skip
             block[3] += ungrouped(dkb, hk)
             block[4] += ungrouped(dvb, hk)
             # The block moves on with its gradients; after the last step only they go, home.
@@ -235,13 +280,23 @@ class RingAttention(torch.autograd.Function):
                 request.wait()
             block = received if step < world - 1 else block[:3] + received
         dk, dv = block[3], block[4]
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
-def ring_attention(q, k, v, key_real, causal: bool, group=None, scale: float | None = None) -> torch.Tensor:
-    """This rank's attention output [b, h, n_local, d] by the ring (module docstring)."""
+BLOCK_KERNELS = ("tiles", "fused")  # the suite's tile arithmetic; torch's fused CPU flash kernel
+
+
+def ring_attention(
+    q, k, v, key_real, causal: bool, group=None, scale: float | None = None, kernel: str = "tiles"
+) -> torch.Tensor:
+    """This rank's attention output [b, h, n_local, d] by the ring (module docstring); each block
+    by ``kernel``: ``tiles`` (any device and dtype) or ``fused`` (torch's CPU flash kernel)."""
+    if kernel not in BLOCK_KERNELS:
+        raise ValueError(f"unknown block kernel {kernel!r}: one of {', '.join(BLOCK_KERNELS)}")
+    if kernel == "fused" and q.device.type != "cpu":
+        raise ValueError("the fused block kernel is torch's CPU flash kernel: use kernel='tiles' on GPU")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return RingAttention.apply(q, k, v, key_real, causal, scale, group)
+    return RingAttention.apply(q, k, v, key_real, causal, scale, group, kernel == "fused")
 
 
 class Counted(torch.autograd.Function):
@@ -298,8 +353,9 @@ class ContextParallelAttention(torch.nn.Module):
         layer = self.layer
         q = rearrange(layer.q_proj(x), "b n (h d) -> b h n d", h=layer.n_heads)
         k, v = rearrange(layer.kv_proj(x), "b m (two h d) -> two b h m d", two=2, h=layer.n_kv_heads)
-        if self.strategy == "ring":
-            o = ring_attention(q, k, v, key_real, causal, self.group)
+        if self.strategy == "ring":  # sdpa's blocks by its fused CPU kernel, anything else by the tiles
+            fused = layer.name == "sdpa" and x.device.type == "cpu"
+            o = ring_attention(q, k, v, key_real, causal, self.group, kernel="fused" if fused else "tiles")
         else:
             o = allgather_attention(q, k, v, key_real, causal, layer.attend, self.group)
         return layer.out_proj(rearrange(o, "b h n d -> b n (h d)"))

@@ -49,8 +49,8 @@ def rank_main(rank, world, port, folder, strategy, n, dtype, causal, padded):
         q, k, v, grad, real = inputs(n, dtype, padded)
         mine = [cp.shard(t, rank, world).clone().requires_grad_() for t in (q, k, v)]
         key_real = cp.local_padding(real if padded else None, n, B, rank, world, q.device)
-        if strategy == "ring":
-            out = cp.ring_attention(*mine, key_real, causal)
+        if strategy.startswith("ring"):  # ring-fused: each block by torch's fused CPU flash kernel
+            out = cp.ring_attention(*mine, key_real, causal, kernel="fused" if strategy == "ring-fused" else "tiles")
         else:
             out = cp.allgather_attention(*mine, key_real, causal, exact_attention)
         (out * cp.shard(grad, rank, world)).sum().backward()
@@ -66,7 +66,7 @@ def run_on_ranks(world, tmp_path, *args):
 
 
 @pytest.mark.parametrize("world", [1, 2, pytest.param(4, marks=pytest.mark.slow)])  # 4: a process each, ~5 s a test
-@pytest.mark.parametrize("strategy", cp.STRATEGIES)
+@pytest.mark.parametrize("strategy", [*cp.STRATEGIES, "ring-fused"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("n", [48, 37])  # 37: not a multiple of 2P, the layout pads
 def test_outputs_and_gradients_equal_single_process_attention_float64(world, strategy, causal, n, tmp_path):
@@ -76,7 +76,7 @@ def test_outputs_and_gradients_equal_single_process_attention_float64(world, str
         assert (g - e).abs().max() < 1e-10, name
 
 
-@pytest.mark.parametrize("strategy", cp.STRATEGIES)
+@pytest.mark.parametrize("strategy", [*cp.STRATEGIES, "ring-fused"])
 def test_float32_within_1e_5(strategy, tmp_path):
     got = run_on_ranks(2, tmp_path, strategy, 40, torch.float32, True, False)
     expected = reference(40, torch.float32, True, False)
@@ -110,7 +110,7 @@ def test_the_zigzag_layout_balances_the_causal_work():
 LAYER = ("bench=context_parallel", "seq_len=96", "model.d_model=64", "model.n_heads=4", "device=cpu", "bench.repeats=2")
 
 
-@pytest.mark.parametrize("strategy, backend", [("ring", "full"), ("allgather", "sdpa")])
+@pytest.mark.parametrize("strategy, backend", [("ring", "full"), ("ring", "sdpa"), ("allgather", "sdpa")])
 def test_a_job_splits_the_sequence_over_its_ranks_and_records_it(strategy, backend, tmp_path):
     from conftest import compose
 
@@ -125,13 +125,13 @@ def test_a_job_splits_the_sequence_over_its_ranks_and_records_it(strategy, backe
     assert record["sent_mib"] == pytest.approx(record["model_sent_mib"])  # counted at the calls = the model
 
 
-def test_the_ring_computes_its_own_blocks_and_says_so():
+def test_the_ring_takes_the_backends_whose_blocks_give_their_log_sum_exp():
     from conftest import compose
 
     from bench.config import value_problems
 
-    (problem,) = value_problems(compose(*LAYER, "attention=sdpa"))
-    assert "bench.strategy=ring computes its blocks itself" in problem and "bench.strategy=allgather" in problem
+    (problem,) = value_problems(compose(*LAYER, "attention=chunked"))
+    assert "bench.strategy=ring computes each block with its log-sum-exp" in problem and "allgather" in problem
 
 
 @pytest.mark.slow

@@ -2,8 +2,9 @@
 
 Each process (a rank) holds its zigzag part of the sequence (``efficient/context_parallel.py``)
 and runs the layer's projections on it; the attention spans the ranks by ``bench.strategy``:
-``ring`` (keys and values passed around, the blocks computed by the suite's exact tile
-arithmetic, so ``attention=full``) or ``allgather`` (keys and values gathered once, then the
+``ring`` (keys and values passed around; each block with its log-sum-exp, by the suite's tile
+arithmetic with ``attention=full`` or torch's fused CPU flash kernel with ``attention=sdpa``) or
+``allgather`` (keys and values gathered once, then the
 backend ``attention=`` names). Launch:
 
 - ``python run.py bench=context_parallel bench.ranks=4 ...``: the job starts 4 processes on this
@@ -57,7 +58,7 @@ class Strategy(Enum):
 @dataclass
 class ContextParallelBenchConfig:
     name: str = "context_parallel"
-    strategy: Strategy = Strategy.ring  # ring (attention=full) | allgather (any exact backend)
+    strategy: Strategy = Strategy.ring  # ring (attention=full or sdpa) | allgather (any exact backend)
     ranks: int = 2  # processes this job starts (under torchrun or SLURM tasks: theirs instead)
     warmup: int = 1  # untimed steps first
     repeats: int = 5  # timed steps, the same on every rank
@@ -76,6 +77,9 @@ class ContextParallelResult(Result):
     ranks: int = measured("processes the sequence is split across (P)", column="P")
     tokens_per_rank: int = measured("tokens each rank holds (the sequence padded to 2P chunks) / P")
     threads_per_rank: int = measured("CPU threads each rank computes with (bench.threads)")
+    block_kernel: str = measured(
+        "what computes the blocks: the ring's tiles or fused kernel, or all-gather's backend", column="blocks"
+    )
     fwd_ms: float = measured(
         "median over repeats of the slowest rank's forward, ms",
         pivot="Forward latency, ms (median of the slowest rank)",
@@ -139,12 +143,16 @@ def config_problems(cfg) -> list[str]:
     from efficient.attention import as_value
 
     strategy = as_value(cfg.bench.strategy)
-    if strategy == "ring" and cfg.attention.name != "full":
+    if strategy == "ring" and cfg.attention.name not in RING_BLOCKS:
         return [
-            f"bench.strategy=ring computes its blocks itself (exact tiles with their log-sum-exp), not with "
-            f"attention={cfg.attention.name}: run it with attention=full, or bench.strategy=allgather"
+            f"bench.strategy=ring computes each block with its log-sum-exp: attention=full (the suite's tiles) "
+            f"or sdpa (torch's fused CPU kernel), not {cfg.attention.name}; bench.strategy=allgather takes any "
+            "exact backend"
         ]
     return []
+
+
+RING_BLOCKS = {"full": "tiles", "sdpa": "fused"}  # the ring's block kernel for each backend it takes
 
 
 def chunk_inputs(cell: Cell, world: int, rank: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,6 +238,7 @@ def measure_rank(rank: int, world: int, cell: Cell) -> dict | None:
     steps = [("fwd", forward)] + ([("fwd_bwd", forward_backward)] if bench.backward else [])
     figures: dict = {"strategy": bench.strategy.value, "ranks": world, "tokens_per_rank": x.shape[1]}
     figures["threads_per_rank"] = torch.get_num_threads() if device == "cpu" else None
+    figures["block_kernel"] = RING_BLOCKS[cell.attention] if bench.strategy is Strategy.ring else cell.attention
     for name, fn in steps:
         per_repeat = slowest(timed(fn, device, bench.repeats, bench.warmup))
         figures[f"{name}_ms"] = statistics.median(per_repeat)
@@ -302,6 +311,11 @@ def spawned_rank(rank: int, world: int, cell: Cell, out_file: str, port: int) ->
 
 
 def run_context_parallel(cell: Cell, **context) -> ContextParallelResult:
+    if cell.bench.strategy is Strategy.ring and cell.attention == "sdpa" and cell.device == "cuda":
+        raise Unsupported(
+            "the ring's fused blocks are torch's CPU flash kernel: on CUDA run the ring with attention=full "
+            "(the suite's tiles), or bench.strategy=allgather attention=sdpa"
+        )
     if cell.device == "cuda" and not world_from_launcher() and cell.bench.ranks > torch.cuda.device_count():
         raise Unsupported(
             f"bench.ranks={cell.bench.ranks} needs as many GPUs; this machine has {torch.cuda.device_count()}"
