@@ -10,5 +10,5 @@ for isa in avx2 default; do
   ATEN_CPU_CAPABILITY=$isa python -m pytest -q -m "not slow" -p no:cacheprovider \
     tests/test_backends.py tests/test_kernels.py tests/test_decode.py tests/test_output_check.py \
     tests/test_kernel_attention.py tests/test_nystrom.py tests/test_sparse.py tests/test_hf.py \
-    tests/test_model_bench.py "$@"
+    tests/test_model_bench.py tests/test_context_parallel.py "$@"
 done
