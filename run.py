@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 import bench.config
-from bench import records, resume, tracking
+from bench import ranks, records, resume, tracking
 from bench.harness import new_record, run_job
 
 bench.config.register()  # here, not under __main__: a SLURM job imports this module to run main()
@@ -55,10 +55,11 @@ def main(cfg) -> None:
     group = Path(hydra_cfg.sweep.dir).name if sweeping else None
     root = Path(hydra_cfg.sweep.dir) if sweeping else output_dir  # where resume=true looks
     bench.config.check_values(cfg)  # a sweep's jobs were checked before launch (hydra/sweeper=cells)
-    if launcher_rank() > 0:  # one of several processes of one job (torchrun): rank 0 records it
-        run_job(cfg)
-        return
     record = new_record(cfg)
+    if ranks.launched_rank() > 0:  # one of several processes of one job (torchrun, SLURM tasks): rank 0 records it
+        if not (cfg.resume and resume.final_record(root, record)):  # rank 0 skips it too
+            run_job(cfg)
+        return
     if cfg.resume and (done := resume.skip_if_recorded(root, record, output_dir)):
         print(f"{tracking.run_name(record)}: skipped, already recorded ({done['status']}) in {done['_path']}")
         return
@@ -73,16 +74,11 @@ def main(cfg) -> None:
         print(f"  note: {note}")
 
 
-def launcher_rank() -> int:
-    """This process's rank where torchrun (or SLURM tasks) started several for one job, else 0."""
-    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
-
-
 def quiet_rank_overrides() -> list[str]:
     """For ranks other than 0: Hydra writes its folders and logs in a private temporary folder."""
-    if launcher_rank() == 0:
+    if ranks.launched_rank() == 0:
         return []
-    folder = Path(tempfile.gettempdir()) / f"efficient-attention-rank{launcher_rank()}"
+    folder = Path(tempfile.gettempdir()) / f"efficient-attention-rank{ranks.launched_rank()}"
     return [f"hydra.run.dir={folder}/run", f"hydra.sweep.dir={folder}/sweep", "hydra.output_subdir=null"]
 
 

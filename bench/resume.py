@@ -41,22 +41,19 @@ def recorded_cells(root: Path) -> set[str]:
     return {r["config_hash"] for r in records.load_records(root) if is_final(r) and r.get("config_hash")}
 
 
+def final_record(root: Path, record: dict) -> dict | None:
+    """The final record of this cell under ``root`` if there is one, else None."""
+    return next((done for done in previous(root, record["config_hash"]) if is_final(done)), None)
+
+
 def skip_if_recorded(root: Path, record: dict, output_dir: Path) -> dict | None:
     """The final record of this cell if there is one (and mark this job skipped), else None."""
-    earlier = previous(root, record["config_hash"])
-    for done in earlier:
-        if is_final(done):
-            records.write_atomic(
-                output_dir / SKIPPED_FILE,
-                {
-                    "result": done["_path"],
-                    "status": done["status"],
-                    "config_hash": record["config_hash"],
-                    "at": time.time(),
-                },
-            )
-            return done
-    return None
+    if done := final_record(root, record):
+        records.write_atomic(
+            output_dir / SKIPPED_FILE,
+            dict(result=done["_path"], status=done["status"], config_hash=record["config_hash"], at=time.time()),
+        )
+    return done
 
 
 def retire_retried(root: Path, record: dict, kept: Path) -> None:

@@ -6,7 +6,7 @@ chunk i sees chunks 0..i, so every rank gets the same share of the work (an earl
 late one); without a mask every layout is balanced, and the same one is used. The padding is
 masked as keys and dropped from the output.
 
-Strategies, both exact (softmax attention over the whole sequence, up to rounding):
+Strategies, all exact (softmax attention over the whole sequence, up to rounding):
 
 - ``ring`` (Liu et al. 2023, Ring Attention): the keys and values of each rank travel around the
   ring, one hop a step (``batch_isend_irecv``: to rank r+1, from rank r-1, issued before the step's
@@ -17,6 +17,11 @@ Strategies, both exact (softmax attention over the whole sequence, up to roundin
 - ``allgather`` (as Llama 3 was trained): the keys and values are gathered once, and each query
   chunk attends the keys it may see through the given exact attention (a backend's ``attend``);
   backward: the key and value gradients are summed back to their owners.
+- ``torch``: torch's own context parallelism (``torch.distributed.tensor.experimental.
+  context_parallel``), which patches ``F.scaled_dot_product_attention`` and its backward while a
+  step runs (``ContextParallelAttention.step``), for the ``sdpa`` backend's call. It distributes
+  CUDA's flash, efficient and cuDNN kernels only, needs a length 2P divides and no key padding, and
+  lays a causal sequence out as the zigzag does (checked at each step).
 
 Shapes: q [b, h, n_local, d]; k, v [b, hk, n_local, d] with hk dividing h (grouped-query
 attention); key_padding_mask [b, n_local] (True = a real token), all in the zigzag layout
@@ -26,16 +31,19 @@ backward from the output and the log-sum-exp), in tiles of at most ``TILE`` x ``
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable
+import time
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-STRATEGIES = ("ring", "allgather")
+STRATEGIES = ("ring", "allgather", "torch")
 SENT = {"bytes": 0}  # bytes this process has handed to point-to-point sends and all-gathers (as payload x peers)
+WAITED = {"seconds": 0.0}  # host time the ring spent blocked on hops after its compute (gloo: the exposed part)
 TILE = 1024  # queries and keys per tile of the ring's block arithmetic: memory O(TILE^2) per head
 
 
@@ -196,6 +204,25 @@ def exchange(tensors: list[torch.Tensor], group) -> tuple[list[torch.Tensor], li
     return received, dist.batch_isend_irecv(ops)
 
 
+def arrived(requests: list) -> None:
+    """Wait for a hop's requests, adding the time blocked to ``WAITED``."""
+    started = time.perf_counter()
+    for request in requests:
+        request.wait()
+    WAITED["seconds"] += time.perf_counter() - started
+
+
+def ring_pass(tensors: list[torch.Tensor], group=None) -> list[torch.Tensor]:
+    """The forward ring's hops with no compute between them (P-1 exchanges of ``tensors``): what
+    its communication costs alone."""
+    world = dist.get_world_size(group)
+    for _ in range(world - 1):
+        tensors, requests = exchange(tensors, group)
+        for request in requests:
+            request.wait()
+    return tensors
+
+
 def pairs(rank: int, owner: int, world: int, causal: bool):
     """(query half, key half, query chunk, key chunk) of this rank's queries against ``owner``'s
     keys that are not wholly in the causal future."""
@@ -234,8 +261,7 @@ class RingAttention(torch.autograd.Function):
                     block_forward(
                         qw[:, :, rows], kb[:, :, keys], vb[:, :, keys], mask, scale, out[:, :, rows], lse[:, :, rows]
                     )
-            for request in requests:
-                request.wait()
+            arrived(requests)
             block = incoming
         ctx.save_for_backward(q, k, v, key_real, out, lse)
         ctx.causal, ctx.scale, ctx.group, ctx.fused = causal, scale, group, fused
@@ -276,8 +302,7 @@ class RingAttention(torch.autograd.Function):
             # The block moves on with its gradients; after the last step only they go, home.
             moving = block if step < world - 1 else block[3:]
             received, requests = exchange(moving, group)
-            for request in requests:
-                request.wait()
+            arrived(requests)
             block = received if step < world - 1 else block[:3] + received
         dk, dv = block[3], block[4]
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
@@ -338,16 +363,61 @@ def allgather_attention(q, k, v, key_real, causal: bool, attend: Callable, group
     return torch.cat(outs, dim=2)
 
 
+TORCH_KERNELS = ("flash", "efficient", "cudnn")  # the SDPA kernels torch's context_parallel distributes (CUDA)
+
+
+@contextlib.contextmanager
+def torch_context_parallel(n_padded: int, causal: bool, group, device: torch.device) -> Iterator[None]:
+    """torch's ``context_parallel`` around one step (forward and backward): every
+    ``F.scaled_dot_product_attention`` call in it is torch's ring over ``group``. Causal, torch
+    balances the load with its head-tail layout, which must be the zigzag this rank's part is in
+    (a positions buffer, sharded by torch, is compared); without a mask any layout is exact, and
+    torch's balancing is off (it refuses it)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor.experimental import context_parallel
+    from torch.distributed.tensor.experimental._context_parallel import _cp_options
+
+    group = group or dist.group.WORLD
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if n_padded % (2 * world):
+        raise ValueError(f"torch's context_parallel needs a length 2P = {2 * world} divides, not {n_padded}")
+    mesh = DeviceMesh.from_group(group, device.type)
+    positions = torch.arange(n_padded, device=device)[None]  # [1, n]: torch shards it in place
+    balanced = _cp_options.enable_load_balance
+    _cp_options.enable_load_balance = causal
+    try:
+        with context_parallel(mesh, buffers=[positions], buffer_seq_dims=[1], no_restore_buffers={positions}):
+            zigzag = shard(torch.arange(n_padded, device=device)[None], rank, world, dim=-1)
+            if causal and not torch.equal(positions, zigzag):
+                raise RuntimeError(
+                    f"torch's context_parallel gave rank {rank} positions {positions[0, :4].tolist()}..., "
+                    f"not the zigzag's {zigzag[0, :4].tolist()}...: its causal ring would be wrong here"
+                )
+            yield
+    finally:
+        _cp_options.enable_load_balance = balanced
+
+
 class ContextParallelAttention(torch.nn.Module):
     """A backend's attention layer (projections and core) on this rank's part of one sequence:
     [b, n_local, d] in the zigzag layout -> [b, n_local, d]. The projections are per token and
-    stay local; the attention is the ``strategy``'s across ``group``."""
+    stay local; the attention is the ``strategy``'s across ``group``. Every forward and backward
+    runs inside ``step()``."""
 
     def __init__(self, layer, strategy: str = "ring", group=None):
         super().__init__()
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
+        if strategy == "torch" and layer.name != "sdpa":
+            raise ValueError(f"strategy 'torch' distributes torch's SDPA: attention=sdpa, not {layer.name}")
         self.layer, self.strategy, self.group = layer, strategy, group
+
+    def step(self, n_padded: int, causal: bool, device) -> contextlib.AbstractContextManager:
+        """What a step (its forward and its backward) runs in: torch's context_parallel for
+        ``strategy='torch'``, else nothing."""
+        if self.strategy != "torch":
+            return contextlib.nullcontext()
+        return torch_context_parallel(n_padded, causal, self.group, torch.device(device))
 
     def forward(self, x: torch.Tensor, key_real: torch.Tensor, causal: bool) -> torch.Tensor:
         layer = self.layer
@@ -356,6 +426,10 @@ class ContextParallelAttention(torch.nn.Module):
         if self.strategy == "ring":  # sdpa's blocks by its fused CPU kernel, anything else by the tiles
             fused = layer.name == "sdpa" and x.device.type == "cpu"
             o = ring_attention(q, k, v, key_real, causal, self.group, kernel="fused" if fused else "tiles")
-        else:
+        elif self.strategy == "allgather":
             o = allgather_attention(q, k, v, key_real, causal, layer.attend, self.group)
+        else:  # torch's context_parallel (inside step()) turns sdpa's own call on local q, k, v into its ring
+            if not bool(key_real.all()):
+                raise ValueError("strategy 'torch' takes no key padding (torch's context_parallel SDPA has no mask)")
+            o = layer.attend(q, k, v, None, causal)
         return layer.out_proj(rearrange(o, "b h n d -> b n (h d)"))

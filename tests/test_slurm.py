@@ -185,3 +185,29 @@ def test_a_job_cancelled_mid_run_ends_the_sweep_clearly_and_resume_runs_it_again
     assert again.returncode == 0, again.stderr[-3000:]
     (record,) = results_under(tmp_path / "sweep")
     assert record["status"] == "ok" and record["steps"] == 3000
+
+
+def test_one_context_parallel_job_spans_two_slurm_tasks_and_is_recorded_once(slurm, tmp_path):
+    """bench=context_parallel with tasks_per_node=2: srun starts the job's two ranks (a core each),
+    they meet at the step's node on the job id's port, and rank 0 records it."""
+    out = run_cli(
+        "-m",
+        "bench=context_parallel",
+        "attention=full",
+        "causal=true",
+        "seq_len=96",
+        "device=cpu",
+        "model.d_model=64",
+        "model.n_heads=4",
+        "bench.repeats=2",
+        "hydra/launcher=slurm_cpu",
+        "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.timeout_min=5",
+        cwd=tmp_path,
+        env=slurm.env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (record,) = results_under(tmp_path / "sweep")
+    assert record["status"] == "ok", record.get("reason")
+    assert record["ranks"] == 2 and record["threads_per_rank"] == 1 and record["max_abs_err"] < 1e-5

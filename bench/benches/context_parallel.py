@@ -5,7 +5,8 @@ and runs the layer's projections on it; the attention spans the ranks by ``bench
 ``ring`` (keys and values passed around; each block with its log-sum-exp, by the suite's tile
 arithmetic with ``attention=full`` or torch's fused CPU flash kernel with ``attention=sdpa``) or
 ``allgather`` (keys and values gathered once, then the
-backend ``attention=`` names). Launch:
+backend ``attention=`` names) or ``torch`` (torch's own ``context_parallel`` around the ``sdpa``
+backend's call; CUDA only). Launch:
 
 - ``python run.py bench=context_parallel bench.ranks=4 ...``: the job starts 4 processes on this
   machine (gloo on CPU; NCCL and a GPU each on CUDA), and records what rank 0 gathers;
@@ -37,9 +38,10 @@ import torch
 import torch.distributed as dist
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
-from bench import measure
+from bench import measure, ranks
 from bench.benches import Bench, register_bench
 from bench.cell import Cell, make_attention
+from bench.harness import allotted_cores
 from bench.measure import MIB
 from bench.output_check import WrongOutput, check_exact
 from bench.results import Result, measured
@@ -53,12 +55,21 @@ OUTPUT_DIMS = ("batch", "position", "feature")
 class Strategy(Enum):
     ring = "ring"
     allgather = "allgather"
+    torch = "torch"
+
+
+class Rotate(Enum):  # how torch's context_parallel moves K/V (its set_rotate_method)
+    allgather = "allgather"
+    alltoall = "alltoall"
 
 
 @dataclass
 class ContextParallelBenchConfig:
     name: str = "context_parallel"
-    strategy: Strategy = Strategy.ring  # ring (attention=full or sdpa) | allgather (any exact backend)
+    strategy: Strategy = (
+        Strategy.ring
+    )  # ring (attention=full or sdpa) | allgather (any exact backend) | torch (sdpa, CUDA)
+    rotate: Rotate = Rotate.allgather  # strategy=torch: K/V gathered once (torch's default) | alltoall: one hop a step
     ranks: int = 2  # processes this job starts (under torchrun or SLURM tasks: theirs instead)
     warmup: int = 1  # untimed steps first
     repeats: int = 5  # timed steps, the same on every rank
@@ -108,6 +119,19 @@ class ContextParallelResult(Result):
         fmt=",.4g",
     )
     model_sent_mib: float = measured("what the strategy's model says a rank sends in the step, MiB", column="model MiB")
+    comm_ms: float = measured(
+        "the forward ring's P-1 hops alone, no compute (median over repeats of the slowest rank), ms; CPU",
+        column="comm ms",
+        fmt=",.4g",
+    )
+    exposed_comm_ms: float = measured(
+        "time the forward ring stayed blocked on its hops after each block's compute (median, slowest rank), ms; CPU"
+    )
+    overlap: float = measured(
+        "share of the forward ring's communication hidden behind compute: 1 - exposed_comm_ms / comm_ms, in [0, 1]",
+        column="overlap",
+        fmt=".0%",
+    )
     max_abs_err: float = measured(
         "max |gathered output - the single-process exact layer on the whole sequence|",
         column="err",
@@ -117,16 +141,9 @@ class ContextParallelResult(Result):
     reference: str = measured("what max_abs_err compares against")
 
 
-def world_from_launcher() -> tuple[int, int] | None:
-    """(rank, world size) where torchrun or SLURM started this process as one of several."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    return None
-
-
 def ranks_of(cell: Cell) -> int:
-    launched = world_from_launcher()
-    return launched[1] if launched else cell.bench.ranks
+    where = ranks.launched()
+    return where.world if where else cell.bench.ranks
 
 
 def describes(cell: Cell) -> dict:
@@ -149,6 +166,8 @@ def config_problems(cfg) -> list[str]:
             f"or sdpa (torch's fused CPU kernel), not {cfg.attention.name}; bench.strategy=allgather takes any "
             "exact backend"
         ]
+    if strategy == "torch" and cfg.attention.name != "sdpa":
+        return [f"bench.strategy=torch distributes torch's SDPA: attention=sdpa, not {cfg.attention.name}"]
     return []
 
 
@@ -199,46 +218,55 @@ def slowest(times: list[float]) -> list[float]:
     return [max(column) for column in zip(*every)]
 
 
-def rank_main(rank: int, world: int, cell: Cell, out_file: str | None) -> dict | None:
+def rank_main(where: ranks.Launched, cell: Cell, out_file: str | None) -> dict | None:
     """One rank's measurement; rank 0 returns (and writes to ``out_file``) the gathered figures."""
     device = cell.device
     if device == "cuda":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+        torch.cuda.set_device(where.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
+        backend = "nccl" if device == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=where.rank, world_size=where.world)
     try:
-        figures = measure_rank(rank, world, cell)
-        if rank == 0 and out_file:
+        figures = measure_rank(where, cell)
+        if where.rank == 0 and out_file:
             Path(out_file).write_bytes(pickle.dumps(figures))
         return figures
     finally:
         dist.destroy_process_group()
 
 
-def measure_rank(rank: int, world: int, cell: Cell) -> dict | None:
+def measure_rank(where: ranks.Launched, cell: Cell) -> dict | None:
+    rank, world = where.rank, where.world
     device = "cuda" if cell.device == "cuda" else "cpu"
     if device == "cpu":
-        torch.set_num_threads(cell.bench.threads or max(1, len(os.sched_getaffinity(0)) // world))
+        torch.set_num_threads(cell.bench.threads or max(1, allotted_cores() // where.sharing_cores))
     torch.manual_seed(cell.seed)  # the same weights on every rank
     layer = make_attention(cell)(0).to(device=device, dtype=cell.torch_dtype).eval()
-    model = cp.ContextParallelAttention(layer, cell.bench.strategy.value)
+    bench = cell.bench
+    model = cp.ContextParallelAttention(layer, bench.strategy.value)
     x, grad = chunk_inputs(cell, world, rank, device)
     key_real = cp.local_padding(None, cell.seq_len, cell.batch_size, rank, world, device)
-    bench = cell.bench
+    if bench.strategy is Strategy.torch:
+        from torch.distributed.tensor.experimental._attention import set_rotate_method
+
+        set_rotate_method(bench.rotate.value)
 
     def forward():
-        with torch.no_grad():
+        with torch.no_grad(), model.step(world * x.shape[1], cell.causal, device):
             return model(x, key_real, cell.causal)
 
     def forward_backward():
         xr = x.detach().requires_grad_()
         model.zero_grad(set_to_none=True)
-        (model(xr, key_real, cell.causal) * grad).sum().backward()
+        with model.step(world * x.shape[1], cell.causal, device):
+            (model(xr, key_real, cell.causal) * grad).sum().backward()
 
-    steps = [("fwd", forward)] + ([("fwd_bwd", forward_backward)] if bench.backward else [])
     figures: dict = {"strategy": bench.strategy.value, "ranks": world, "tokens_per_rank": x.shape[1]}
     figures["threads_per_rank"] = torch.get_num_threads() if device == "cpu" else None
-    figures["block_kernel"] = RING_BLOCKS[cell.attention] if bench.strategy is Strategy.ring else cell.attention
+    figures["block_kernel"] = block_kernel(cell)
+    if bench.strategy is Strategy.ring and world > 1:
+        figures |= ring_overlap(cell, forward, x.shape[1], device)
+    steps = [("fwd", forward)] + ([("fwd_bwd", forward_backward)] if bench.backward else [])
     for name, fn in steps:
         per_repeat = slowest(timed(fn, device, bench.repeats, bench.warmup))
         figures[f"{name}_ms"] = statistics.median(per_repeat)
@@ -246,10 +274,11 @@ def measure_rank(rank: int, world: int, cell: Cell) -> dict | None:
         peak, _ = measure.profile_step(fn, device)
         sent = [None] * world
         dist.all_gather_object(sent, (cp.SENT["bytes"], peak))
-        figures["sent_mib"] = max(s for s, _ in sent) / MIB
         figures["rank_peak_mem_mib"] = [p / MIB for _, p in sent]
+        if bench.strategy is not Strategy.torch:  # torch's own collectives are not counted
+            figures["sent_mib"] = max(s for s, _ in sent) / MIB
+            figures["model_sent_mib"] = model_bytes(cell, world, x.shape[1]) / MIB
     figures["peak_mem_mib"] = max(figures["rank_peak_mem_mib"])
-    figures["model_sent_mib"] = model_bytes(cell, world, x.shape[1]) / MIB
     output = forward()
     outputs = [None] * world
     dist.all_gather_object(outputs, output.cpu())
@@ -259,6 +288,40 @@ def measure_rank(rank: int, world: int, cell: Cell) -> dict | None:
         gathered = cp.unshard(outputs, cell.seq_len, dim=1)
         figures["max_abs_err"], figures["problem"], figures["reference"] = compared(cell, layer, gathered, world)
     return figures
+
+
+def block_kernel(cell: Cell) -> str:
+    """What computes the blocks: the ring's tiles or fused kernel, all-gather's backend, or torch's
+    SDPA kernel and how it moves K/V."""
+    if cell.bench.strategy is Strategy.ring:
+        return RING_BLOCKS[cell.attention]
+    if cell.bench.strategy is Strategy.torch:
+        return f"sdpa:{cell.options.get('kernel', 'auto')}, {cell.bench.rotate.value}"
+    return cell.attention
+
+
+def ring_overlap(cell: Cell, forward, local: int, device: str) -> dict:
+    """How much of the forward ring's communication its compute hides (CPU: gloo's hops run on
+    threads of their own, and a rank blocks on a hop only once its compute is done): the hops
+    alone, timed without compute, against the time the forward stayed blocked on them. On CUDA
+    a hop's wait is the stream's, not the host's: there these figures need a profiler's trace."""
+    if device != "cpu":
+        return {}
+    b, hk, dh = cell.batch_size, cell.n_kv_heads, cell.head_dim
+    block = [torch.zeros(b, hk, local, dh, dtype=cell.torch_dtype) for _ in (0, 1)]
+    block.append(torch.zeros(b, local, dtype=torch.uint8))  # k, v and the key padding, as the ring sends them
+    alone = slowest(timed(lambda: cp.ring_pass(block), device, cell.bench.repeats, cell.bench.warmup))
+    waits = []
+
+    def counted_forward():
+        cp.WAITED["seconds"] = 0.0
+        forward()
+        waits.append(cp.WAITED["seconds"] * 1e3)
+
+    timed(counted_forward, device, cell.bench.repeats, cell.bench.warmup)
+    exposed = slowest(waits[cell.bench.warmup :])
+    comm, blocked = statistics.median(alone), statistics.median(exposed)
+    return {"comm_ms": comm, "exposed_comm_ms": blocked, "overlap": min(1.0, max(0.0, 1 - blocked / comm))}
 
 
 def model_bytes(cell: Cell, world: int, local: int) -> float:
@@ -307,24 +370,43 @@ def free_port() -> int:
 
 def spawned_rank(rank: int, world: int, cell: Cell, out_file: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
-    rank_main(rank, world, cell, out_file)
+    rank_main(ranks.Launched(rank, world, local_rank=rank, sharing_cores=world), cell, out_file)
+
+
+def unsupported_reason(cell: Cell) -> str | None:
+    strategy, world = cell.bench.strategy, ranks_of(cell)
+    if strategy is Strategy.ring and cell.attention == "sdpa" and cell.device == "cuda":
+        return (
+            "the ring's fused blocks are torch's CPU flash kernel: on CUDA run the ring with attention=full "
+            "(the suite's tiles), bench.strategy=torch (torch's own ring on SDPA) or allgather"
+        )
+    if strategy is Strategy.torch and cell.device != "cuda":
+        return (
+            "torch's context_parallel distributes CUDA's SDPA kernels (flash, efficient, cuDNN) only: on CPU its "
+            "SDPA (aten._scaled_dot_product_flash_attention_for_cpu) has no sharding strategy; here run the ring "
+            "or allgather"
+        )
+    kernel = cell.options.get("kernel", "auto")
+    if strategy is Strategy.torch and kernel not in ("auto", *cp.TORCH_KERNELS):
+        return f"torch's context_parallel distributes the {', '.join(cp.TORCH_KERNELS)} kernels, not kernel={kernel}"
+    if strategy is Strategy.torch and cell.seq_len % (2 * world):
+        return (
+            f"torch's context_parallel needs a length that 2P = {2 * world} divides (it masks no padding), not "
+            f"seq_len={cell.seq_len}; the ring and allgather pad"
+        )
+    if cell.device == "cuda" and not ranks.launched() and cell.bench.ranks > torch.cuda.device_count():
+        return f"bench.ranks={cell.bench.ranks} needs as many GPUs; this machine has {torch.cuda.device_count()}"
+    return None
 
 
 def run_context_parallel(cell: Cell, **context) -> ContextParallelResult:
-    if cell.bench.strategy is Strategy.ring and cell.attention == "sdpa" and cell.device == "cuda":
-        raise Unsupported(
-            "the ring's fused blocks are torch's CPU flash kernel: on CUDA run the ring with attention=full "
-            "(the suite's tiles), or bench.strategy=allgather attention=sdpa"
-        )
-    if cell.device == "cuda" and not world_from_launcher() and cell.bench.ranks > torch.cuda.device_count():
-        raise Unsupported(
-            f"bench.ranks={cell.bench.ranks} needs as many GPUs; this machine has {torch.cuda.device_count()}"
-        )
-    launched = world_from_launcher()
-    if launched:
-        figures = rank_main(*launched, cell, None)
+    if reason := unsupported_reason(cell):
+        raise Unsupported(reason)
+    if where := ranks.launched():
+        ranks.rendezvous()
+        figures = rank_main(where, cell, None)
         if figures is None:  # not rank 0: its figures went to rank 0, which records them
-            return ContextParallelResult(strategy=cell.bench.strategy.value, ranks=launched[1])
+            return ContextParallelResult(strategy=cell.bench.strategy.value, ranks=where.world)
     else:
         with tempfile.TemporaryDirectory() as folder:
             out_file = str(Path(folder) / "rank0.pkl")
