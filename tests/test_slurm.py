@@ -211,3 +211,4 @@ def test_one_context_parallel_job_spans_two_slurm_tasks_and_is_recorded_once(slu
     (record,) = results_under(tmp_path / "sweep")
     assert record["status"] == "ok", record.get("reason")
     assert record["ranks"] == 2 and record["threads_per_rank"] == 1 and record["max_abs_err"] < 1e-5
+    slurm.wait_idle()  # both tasks ended, and the job with them

@@ -275,11 +275,17 @@ def hf_model(p: Profile, out: Path) -> list[list[str]]:
 
 def context_parallel(p: Profile, out: Path) -> list[list[str]]:
     """One sequence on as many ranks as the node has GPUs (one H200: a single rank, the
-    strategies' cost against one process; several GPUs: the scaling), 16K-64K, causal."""
+    strategies' cost against one process; several GPUs: the scaling), 16K-64K, causal: the
+    suite's ring (tiles), all-gather (SDPA), and torch's own context_parallel (SDPA) with each
+    of its two ways of moving K/V."""
     lengths = p.extra.get("cp_lengths", (f"seq_len={p.lengths(16384, 32768, 65536)}",))
     ranks = p.extra.get("cp_ranks", ("bench.ranks=${oc.env:GPUS,1}",))
     cells = ("bench=context_parallel", "causal=true", *p.cell, *lengths, *ranks, *p.extra.get("cp", ()))
-    return [sweep(out, *cells, "attention=full"), sweep(out, *cells, "bench.strategy=allgather", "attention=sdpa")]
+    return [
+        sweep(out, *cells, "attention=full"),
+        sweep(out, *cells, "bench.strategy=allgather", "attention=sdpa"),
+        sweep(out, *cells, "bench.strategy=torch", "attention=sdpa", "bench.rotate=allgather,alltoall"),
+    ]
 
 
 def lra(p: Profile, out: Path) -> list[list[str]]:
@@ -309,7 +315,7 @@ STEPS = (
         120,
         45,
         context_parallel,
-        "one sequence over the node's GPUs (bench.ranks = $GPUS, default 1): ring and all-gather, 16K-64K",
+        "one sequence over the node's GPUs (bench.ranks = $GPUS, default 1): ring, all-gather, torch's, 16K-64K",
     ),
     Step("scaling", 900, 120, scaling, "experiment=scaling_gpu: every backend 1K-128K, causal and not, every kernel"),
     Step("linformer", 400, 60, linformer, "Linformer's Table 3 to 64K (k = 128, 256) against full and sdpa"),
