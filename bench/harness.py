@@ -20,7 +20,7 @@ from contextlib import nullcontext
 import torch
 from omegaconf import OmegaConf
 
-from bench import device_lock, measure, records
+from bench import device_lock, measure, ranks, records
 from bench.benches import get_bench
 from bench.cell import Cell, PredictedOOM, cell_hash
 from bench.output_check import WrongOutput
@@ -83,7 +83,7 @@ def run_job(cfg, record: dict | None = None, tracker=None, output_dir=None) -> d
         cell = Cell.of(cfg, measure.resolve_device(as_value(cfg.device)))
         record.update(device=cell.device, device_name=measure.device_name(cell.device))
         if cell.device == "cpu":
-            torch.set_num_threads(getattr(cell.bench, "threads", None) or allotted_cores())
+            torch.set_num_threads(getattr(cell.bench, "threads", None) or ranks.allotted_cores())
         record["threads"] = torch.get_num_threads()
         check_supported(cell)
         bench = get_bench(cell.bench.name)
@@ -114,13 +114,6 @@ def run_job(cfg, record: dict | None = None, tracker=None, output_dir=None) -> d
             torch.cuda.empty_cache()
     record["wall_s"] = time.perf_counter() - started
     return record
-
-
-def allotted_cores() -> int:
-    """The cores this job may use: SLURM's allocation where it runs as a SLURM task, else its CPU
-    affinity (a cgroup or taskset), not every core of the machine."""
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK")
-    return int(slurm) if slurm else len(os.sched_getaffinity(0))
 
 
 def check_supported(cell: Cell) -> None:

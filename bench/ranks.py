@@ -1,4 +1,5 @@
-"""Several processes for one job: where a launcher (torchrun, or SLURM's tasks) started them.
+"""Where a job runs: the cores it is allotted, and its rank where a launcher (torchrun, or
+SLURM's tasks) started several processes for it.
 
 One job of ``bench=context_parallel`` may span processes that a launcher started: each runs the
 same job, rank 0 records it. torchrun says who is who in ``RANK``, ``WORLD_SIZE`` and
@@ -20,7 +21,14 @@ class Launched:
     rank: int  # this process, 0..world-1
     world: int  # processes of the job
     local_rank: int  # this process among those of its node (its GPU)
-    sharing_cores: int  # processes that share the cores this one is allotted (bench.harness.allotted_cores)
+    sharing_cores: int  # processes that share the cores this one is allotted (allotted_cores)
+
+
+def allotted_cores() -> int:
+    """The cores this job may use: SLURM's allocation where it runs as a SLURM task, else its CPU
+    affinity (a cgroup or taskset), not every core of the machine."""
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK")
+    return int(slurm) if slurm else len(os.sched_getaffinity(0))
 
 
 def launched() -> Launched | None:

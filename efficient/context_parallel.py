@@ -367,15 +367,16 @@ TORCH_KERNELS = ("flash", "efficient", "cudnn")  # the SDPA kernels torch's cont
 
 
 @contextlib.contextmanager
-def torch_context_parallel(n_padded: int, causal: bool, group, device: torch.device) -> Iterator[None]:
+def torch_context_parallel(n_padded: int, causal: bool, group, device: torch.device, rotate: str) -> Iterator[None]:
     """torch's ``context_parallel`` around one step (forward and backward): every
-    ``F.scaled_dot_product_attention`` call in it is torch's ring over ``group``. Causal, torch
-    balances the load with its head-tail layout, which must be the zigzag this rank's part is in
-    (a positions buffer, sharded by torch, is compared); without a mask any layout is exact, and
-    torch's balancing is off (it refuses it)."""
+    ``F.scaled_dot_product_attention`` call in it is torch's ring over ``group``, moving K/V by
+    ``rotate`` (``allgather``: gathered once, torch's default; ``alltoall``: one hop a step).
+    Causal, torch balances the load with its head-tail layout, which must be the zigzag this
+    rank's part is in (a positions buffer, sharded by torch, is compared); without a mask any
+    layout is exact, and torch's balancing is off (it refuses it)."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor.experimental import context_parallel
-    from torch.distributed.tensor.experimental._context_parallel import _cp_options
+    from torch.distributed.tensor.experimental._context_parallel import _cp_options, set_rotate_method
 
     group = group or dist.group.WORLD
     rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -383,8 +384,9 @@ def torch_context_parallel(n_padded: int, causal: bool, group, device: torch.dev
         raise ValueError(f"torch's context_parallel needs a length 2P = {2 * world} divides, not {n_padded}")
     mesh = DeviceMesh.from_group(group, device.type)
     positions = torch.arange(n_padded, device=device)[None]  # [1, n]: torch shards it in place
-    balanced = _cp_options.enable_load_balance
+    balanced, rotated = _cp_options.enable_load_balance, _cp_options.rotate_method  # torch's settings, restored
     _cp_options.enable_load_balance = causal
+    set_rotate_method(rotate)
     try:
         with context_parallel(mesh, buffers=[positions], buffer_seq_dims=[1], no_restore_buffers={positions}):
             zigzag = shard(torch.arange(n_padded, device=device)[None], rank, world, dim=-1)
@@ -395,29 +397,29 @@ def torch_context_parallel(n_padded: int, causal: bool, group, device: torch.dev
                 )
             yield
     finally:
-        _cp_options.enable_load_balance = balanced
+        _cp_options.enable_load_balance, _cp_options.rotate_method = balanced, rotated
 
 
 class ContextParallelAttention(torch.nn.Module):
     """A backend's attention layer (projections and core) on this rank's part of one sequence:
     [b, n_local, d] in the zigzag layout -> [b, n_local, d]. The projections are per token and
-    stay local; the attention is the ``strategy``'s across ``group``. Every forward and backward
-    runs inside ``step()``."""
+    stay local; the attention is the ``strategy``'s across ``group`` (``rotate``: how torch's own
+    moves K/V). Every forward and backward runs inside ``step()``."""
 
-    def __init__(self, layer, strategy: str = "ring", group=None):
+    def __init__(self, layer, strategy: str = "ring", group=None, rotate: str = "allgather"):
         super().__init__()
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
         if strategy == "torch" and layer.name != "sdpa":
             raise ValueError(f"strategy 'torch' distributes torch's SDPA: attention=sdpa, not {layer.name}")
-        self.layer, self.strategy, self.group = layer, strategy, group
+        self.layer, self.strategy, self.group, self.rotate = layer, strategy, group, rotate
 
     def step(self, n_padded: int, causal: bool, device) -> contextlib.AbstractContextManager:
         """What a step (its forward and its backward) runs in: torch's context_parallel for
         ``strategy='torch'``, else nothing."""
         if self.strategy != "torch":
             return contextlib.nullcontext()
-        return torch_context_parallel(n_padded, causal, self.group, torch.device(device))
+        return torch_context_parallel(n_padded, causal, self.group, torch.device(device), self.rotate)
 
     def forward(self, x: torch.Tensor, key_real: torch.Tensor, causal: bool) -> torch.Tensor:
         layer = self.layer

@@ -150,7 +150,7 @@ def torch_cp_on_cpu(rank, world, port, folder):
     try:
         q = torch.randn(1, 2, 8, 4)
         try:
-            with cp.torch_context_parallel(16, True, None, torch.device("cpu")):  # the layout check passes
+            with cp.torch_context_parallel(16, True, None, torch.device("cpu"), "alltoall"):  # the layout check passes
                 torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
             outcome = "ran"
         except NotImplementedError as e:

@@ -41,7 +41,6 @@ from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 from bench import measure, ranks
 from bench.benches import Bench, register_bench
 from bench.cell import Cell, make_attention
-from bench.harness import allotted_cores
 from bench.measure import MIB
 from bench.output_check import WrongOutput, check_exact
 from bench.results import Result, measured
@@ -66,9 +65,7 @@ class Rotate(Enum):  # how torch's context_parallel moves K/V (its set_rotate_me
 @dataclass
 class ContextParallelBenchConfig:
     name: str = "context_parallel"
-    strategy: Strategy = (
-        Strategy.ring
-    )  # ring (attention=full or sdpa) | allgather (any exact backend) | torch (sdpa, CUDA)
+    strategy: Strategy = Strategy.ring  # ring (full or sdpa) | allgather (any exact backend) | torch (sdpa, CUDA)
     rotate: Rotate = Rotate.allgather  # strategy=torch: K/V gathered once (torch's default) | alltoall: one hop a step
     ranks: int = 2  # processes this job starts (under torchrun or SLURM tasks: theirs instead)
     warmup: int = 1  # untimed steps first
@@ -239,17 +236,13 @@ def measure_rank(where: ranks.Launched, cell: Cell) -> dict | None:
     rank, world = where.rank, where.world
     device = "cuda" if cell.device == "cuda" else "cpu"
     if device == "cpu":
-        torch.set_num_threads(cell.bench.threads or max(1, allotted_cores() // where.sharing_cores))
+        torch.set_num_threads(cell.bench.threads or max(1, ranks.allotted_cores() // where.sharing_cores))
     torch.manual_seed(cell.seed)  # the same weights on every rank
     layer = make_attention(cell)(0).to(device=device, dtype=cell.torch_dtype).eval()
     bench = cell.bench
-    model = cp.ContextParallelAttention(layer, bench.strategy.value)
+    model = cp.ContextParallelAttention(layer, bench.strategy.value, rotate=bench.rotate.value)
     x, grad = chunk_inputs(cell, world, rank, device)
     key_real = cp.local_padding(None, cell.seq_len, cell.batch_size, rank, world, device)
-    if bench.strategy is Strategy.torch:
-        from torch.distributed.tensor.experimental._attention import set_rotate_method
-
-        set_rotate_method(bench.rotate.value)
 
     def forward():
         with torch.no_grad(), model.step(world * x.shape[1], cell.causal, device):
