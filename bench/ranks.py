@@ -34,7 +34,7 @@ def allotted_cores() -> int:
 def launched() -> Launched | None:
     """This process's place where a launcher started several for one job, else None."""
     env = os.environ
-    if int(env.get("WORLD_SIZE", "1")) > 1 and "RANK" in env:  # torchrun, or a rendezvous set up below
+    if int(env.get("WORLD_SIZE", "1")) > 1 and "RANK" in env:  # torchrun (or any launcher that sets them)
         local_world = int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))
         return Launched(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"])), local_world)
     if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in env:  # srun's tasks
